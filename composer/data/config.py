@@ -1,0 +1,30 @@
+"""Configuration of the data pipeline and of the synthetic scene generator (owned by composer/data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataConfig:
+    """Streaming webdataset shards into batches."""
+
+    shards: list[str] = field(default_factory=lambda: ["data/scenes/scenes-{000000..000003}.tar"])  # paths, globs, brace patterns or URLs
+    resolution: int = 64  # output images are resolution x resolution
+    crop: str = "center"  # "center" or "random"
+    batch_size: int = 8
+    num_workers: int = 0
+    shuffle_shards: bool = True  # shuffle the shard list each epoch
+    shuffle_buffer: int = 256  # sample shuffle buffer (0 disables)
+    max_image_pixels: int = 64_000_000  # larger images are skipped as decompression bombs
+    extras: list[str] = field(default_factory=list)  # extra members to read, e.g. ["instances", "depth", "classes"]
+
+
+@dataclass
+class ScenesConfig:
+    """The synthetic 2.5D scene generator."""
+
+    size: int = 64  # rendered image side, 64 to 1024
+    min_objects: int = 1
+    max_objects: int = 6
+    supersample: int = 4  # anti-aliasing factor

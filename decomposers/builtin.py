@@ -1,0 +1,1 @@
+"""Imports every built-in decomposer module so that they register themselves."""
