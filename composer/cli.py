@@ -73,8 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (UserError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError) as error:
+    except (UserError, ValueError, TypeError, OSError) as error:
         if os.environ.get("COMPOSER_DEBUG"):
             raise
         message = " ".join(str(error).split()) or type(error).__name__

@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from yaml import YAMLError
 
 from composer.data.config import DataConfig, ScenesConfig
 from composer.model_config import DropoutConfig, ModelConfig, SampleConfig
@@ -69,14 +70,14 @@ def load_config(
         path = resolve_preset(preset)
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        except OmegaConfBaseException as error:
+        except (OmegaConfBaseException, YAMLError) as error:
             raise ValueError(f"config preset {path} does not fit the schema: {_one_line(error)}") from None
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-4)")
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as error:
+        except (OmegaConfBaseException, YAMLError) as error:
             raise ValueError(f"override {item!r} does not fit the schema: {_one_line(error)}") from None
     return cfg
 

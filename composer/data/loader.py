@@ -1,0 +1,346 @@
+"""Streaming webdataset shards into training batches, skipping (and counting) bad samples.
+
+    loader = make_loader(cfg.data, seed=0)            # rank / world size from torch.distributed if set
+    for batch in loader:
+        batch["image"]     # (B, 3, R, R) float32 in [0, 1]
+        batch["caption"]   # list[str], "" when the sample has no .txt
+        batch["key"], batch["meta"]
+        batch["depth"]     # and any other name listed in data.extras, transformed like the image
+    loader.skipped()       # {"corrupt": 2, "missing_member": 1, ...}
+    loader.state_dict()    # data position, for exact resume: make_loader(..., state=...)
+
+Order. Each epoch permutes the shard list with a generator seeded by (seed, epoch); shards are split by
+node (rank::world_size) and then by data-loader worker; each worker streams its shards through a shuffle
+buffer seeded by (seed, rank, worker, epoch). PyTorch's DataLoader takes batches from the workers in a
+fixed round-robin, so the whole stream is a deterministic function of the seed, the world size and the
+number of workers.
+
+Data position. Every batch carries, per worker, how many raw samples that worker has drawn from its
+shuffle buffer so far. ``state_dict()`` returns those counts for the batches *consumed*; a loader made with
+``state=`` skips exactly that many raw samples per worker before decoding anything, so a resumed run sees
+the same batches the uninterrupted run would have seen (with the same number of workers).
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+import re
+from collections import Counter, deque
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from composer.data.config import DataConfig
+from composer.data.decode import SampleError, decode_map, decode_npy, decode_rgb, find_image_member
+
+INTEGER_MAPS = ("instances", "classes")
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+
+
+def expand_shards(patterns: list[str] | str) -> list[str]:
+    """Expand brace patterns and local globs into a list of shard URLs, in order, without duplicates."""
+    from braceexpand import braceexpand
+
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    urls: list[str] = []
+    for pattern in patterns:
+        for item in braceexpand(str(pattern)):
+            is_local = not _SCHEME.match(item) or item.startswith("file:")
+            path = item[5:] if item.startswith("file:") else item
+            if is_local and any(c in path for c in "*?["):
+                urls += sorted(glob.glob(path))
+            else:
+                urls.append(item)
+    seen: set[str] = set()
+    return [u for u in urls if not (u in seen or seen.add(u))]
+
+
+def _check_shards(urls: list[str], patterns: Any) -> None:
+    if not urls:
+        raise ValueError(
+            f"no shards match {list(patterns) if not isinstance(patterns, str) else patterns}; set data.shards "
+            "to tar paths, globs or brace patterns (make some with `composer-diffusion scenes --out DIR`)"
+        )
+    missing = [u for u in urls if not _SCHEME.match(u) and not os.path.exists(u)]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(urls)} shards do not exist (first: {missing[0]}); check data.shards"
+        )
+
+
+class ShardStream(IterableDataset):
+    """The per-worker stream of batches; use ``make_loader`` rather than this class directly."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        cfg: DataConfig,
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        epochs: int | None,
+        start_positions: dict[int, int] | None = None,
+    ):
+        super().__init__()
+        self.urls, self.cfg, self.seed, self.rank, self.world_size = urls, cfg, seed, rank, world_size
+        self.epochs = epochs
+        self.start_positions = dict(start_positions or {})
+
+    def epoch_shards(self, epoch: int, worker: int, num_workers: int) -> list[str]:
+        urls = list(self.urls)
+        if self.cfg.shuffle_shards:
+            order = np.random.default_rng([self.seed, epoch, 7919]).permutation(len(urls))
+            urls = [urls[i] for i in order]
+        return urls[self.rank :: self.world_size][worker::num_workers]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        counters: Counter = Counter()
+        drawn = 0
+        skip = self.start_positions.get(worker, 0)
+        items: list[dict[str, Any]] = []
+
+        def flush() -> dict[str, Any]:
+            batch = _collate(items)
+            batch.update(_worker=worker, _position=drawn, _skipped=dict(counters))
+            items.clear()
+            return batch
+
+        epochs = itertools.count() if self.epochs is None else range(self.epochs)
+        for epoch in epochs:
+            shards = self.epoch_shards(epoch, worker, num_workers)
+            if not shards:
+                break
+            for sample in self._shuffled(self._raw_samples(shards, counters), epoch, worker):
+                drawn += 1
+                if drawn <= skip:
+                    continue  # resuming: this sample was consumed before the checkpoint
+                try:
+                    items.append(self._decode(sample, drawn, worker))
+                except SampleError as error:
+                    counters[error.reason] += 1
+                    continue
+                if len(items) == self.cfg.batch_size:
+                    yield flush()
+        if items:
+            yield flush()
+        yield {"_stats_only": True, "_worker": worker, "_position": drawn, "_skipped": dict(counters)}
+
+    def _raw_samples(self, shards: list[str], counters: Counter) -> Iterator[dict[str, Any]]:
+        from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+        def handler(error: Exception) -> bool:
+            counters["corrupt_shard"] += 1
+            return True  # skip the rest of a broken shard, go on with the next
+
+        stream = url_opener(({"url": url} for url in shards), handler=handler)
+        stream = tar_file_expander(stream, handler=handler)
+        yield from group_by_keys(stream, handler=handler)
+
+    def _shuffled(self, samples: Iterator[dict[str, Any]], epoch: int, worker: int) -> Iterator[dict[str, Any]]:
+        size = self.cfg.shuffle_buffer
+        if size <= 1:
+            yield from samples
+            return
+        rng = np.random.default_rng([self.seed, self.rank, worker, epoch, 104729])
+        buffer: list[dict[str, Any]] = []
+        for sample in samples:
+            buffer.append(sample)
+            if len(buffer) >= size:
+                index = int(rng.integers(len(buffer)))
+                buffer[index], buffer[-1] = buffer[-1], buffer[index]
+                yield buffer.pop()
+        while buffer:
+            index = int(rng.integers(len(buffer)))
+            buffer[index], buffer[-1] = buffer[-1], buffer[index]
+            yield buffer.pop()
+
+    def _decode(self, sample: dict[str, Any], drawn: int, worker: int) -> dict[str, Any]:
+        cfg = self.cfg
+        image = decode_rgb(sample[find_image_member(sample)], cfg.max_image_pixels)
+        maps: dict[str, torch.Tensor] = {}
+        for name in cfg.extras:
+            maps[name] = self._decode_extra(sample, name)
+        rng = np.random.default_rng([self.seed, self.rank, worker, drawn])
+        image, maps = _resize_crop(image, maps, cfg.resolution, cfg.crop, rng)
+        caption = sample.get("txt", b"")
+        meta: dict[str, Any] = {}
+        if "json" in sample:
+            import json
+
+            try:
+                meta = json.loads(sample["json"])
+            except (ValueError, UnicodeDecodeError):
+                raise SampleError("corrupt", "unreadable json member") from None
+        try:
+            caption = caption.decode("utf-8").strip() if isinstance(caption, bytes) else str(caption)
+        except UnicodeDecodeError:
+            raise SampleError("corrupt", "caption is not utf-8") from None
+        return {"image": image, "caption": caption, "key": sample.get("__key__", ""), "meta": meta, **maps}
+
+    def _decode_extra(self, sample: dict[str, Any], name: str) -> torch.Tensor:
+        limit = self.cfg.max_image_pixels
+        if f"{name}.npy" in sample:
+            array = decode_npy(sample[f"{name}.npy"])
+        elif f"{name}.png" in sample:
+            array = decode_map(sample[f"{name}.png"], limit)
+            if name not in INTEGER_MAPS:  # a quantised float map (depth): back to [0, 1]
+                array = array.astype(np.float32) / (65535.0 if array.dtype == np.uint16 else 255.0)
+        else:
+            raise SampleError("missing_member", f"sample {sample.get('__key__')} has no {name}.png/.npy")
+        if array.ndim == 2:
+            array = array[None]
+        if name in INTEGER_MAPS or np.issubdtype(array.dtype, np.integer):
+            return torch.from_numpy(array.astype(np.int64))
+        return torch.from_numpy(array.astype(np.float32))
+
+
+def _resize_crop(
+    image: torch.Tensor, maps: dict[str, torch.Tensor], resolution: int, crop: str, rng: np.random.Generator
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Resize the shorter side to ``resolution`` and crop a square; spatial maps get the same geometry."""
+    _, height, width = image.shape
+    scale = resolution / min(height, width)
+    new_h, new_w = max(resolution, round(height * scale)), max(resolution, round(width * scale))
+    if crop == "random":
+        top, left = int(rng.integers(new_h - resolution + 1)), int(rng.integers(new_w - resolution + 1))
+    elif crop == "center":
+        top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+    else:
+        raise ValueError(f"data.crop must be 'center' or 'random', got {crop!r}")
+
+    def geometry(t: torch.Tensor, integer: bool) -> torch.Tensor:
+        if (t.shape[-2], t.shape[-1]) != (new_h, new_w):
+            if integer:
+                t = F.interpolate(t[None].float(), size=(new_h, new_w), mode="nearest-exact")[0].long()
+            else:
+                t = F.interpolate(t[None], size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)[0]
+        return t[..., top : top + resolution, left : left + resolution].contiguous()
+
+    image = geometry(image, False).clamp_(0.0, 1.0)
+    out = {}
+    for name, value in maps.items():
+        if value.ndim == 1:
+            out[name] = value
+        else:
+            out[name] = geometry(value, not value.is_floating_point())
+    return image, out
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    batch: dict[str, Any] = {}
+    for name in items[0]:
+        values = [item[name] for item in items]
+        batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return batch
+
+
+class Loader:
+    """Iterable of batches over a ShardStream, with skip counts and data position in the main process."""
+
+    def __init__(self, dataset: ShardStream, num_workers: int):
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self._positions: dict[int, int] = dict(dataset.start_positions)
+        self._skipped: dict[int, dict[str, int]] = {}
+        self._next_worker = int(getattr(dataset, "next_worker", 0))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            prefetch_factor=2 if self.num_workers else None,
+        )
+        # Batches are re-sequenced strictly round-robin over the workers that still have data, starting
+        # from the worker due next; this makes the order independent of where a resumed run starts.
+        workers = max(1, self.num_workers)
+        queues: dict[int, deque] = {w: deque() for w in range(workers)}
+        done: set[int] = set()
+        for item in loader:
+            queues[item["_worker"]].append(item)
+            while len(done) < workers:
+                worker = self._next_worker
+                if worker in done:
+                    self._next_worker = (worker + 1) % workers
+                    continue
+                if not queues[worker]:
+                    break
+                batch = queues[worker].popleft()
+                self._positions[worker] = batch.pop("_position")
+                self._skipped[worker] = batch.pop("_skipped")
+                batch.pop("_worker")
+                if batch.pop("_stats_only", False):
+                    done.add(worker)
+                    continue
+                self._next_worker = (worker + 1) % workers
+                yield batch
+        self._next_worker = 0
+
+    def skipped(self) -> dict[str, int]:
+        """Samples skipped so far, by reason (summed over workers)."""
+        total: Counter = Counter()
+        for counts in self._skipped.values():
+            total.update(counts)
+        return dict(total)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position after the last consumed batch (JSON-serialisable)."""
+        return {"positions": {str(k): v for k, v in self._positions.items()}, "next_worker": self._next_worker,
+                "num_workers": self.num_workers,
+                "world_size": self.dataset.world_size, "seed": self.dataset.seed}
+
+
+def make_loader(
+    cfg: DataConfig,
+    *,
+    seed: int,
+    rank: int | None = None,
+    world_size: int | None = None,
+    epochs: int | None = None,
+    state: dict[str, Any] | None = None,
+) -> Loader:
+    """A Loader over ``cfg.shards`` for this process (rank of world_size; torch.distributed by default).
+
+    epochs=None streams forever (reshuffling shards each epoch). state: a ``Loader.state_dict()`` to
+    resume from (the same seed, world size and number of workers are required).
+    """
+    if rank is None or world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            rank, world_size = 0, 1
+    urls = expand_shards(list(cfg.shards))
+    _check_shards(urls, cfg.shards)
+    workers = max(1, cfg.num_workers)
+    if len(urls) < world_size * workers:
+        raise ValueError(
+            f"{len(urls)} shards cannot feed {world_size} processes x {workers} workers without duplicates; "
+            "write more, smaller shards (--shard-size) or lower data.num_workers"
+        )
+    if cfg.resolution < 8:
+        raise ValueError(f"data.resolution must be at least 8, got {cfg.resolution}")
+    positions: dict[int, int] = {}
+    if state:
+        if int(state.get("num_workers", cfg.num_workers)) != cfg.num_workers or int(
+            state.get("world_size", world_size)
+        ) != world_size:
+            raise ValueError(
+                "cannot resume the data position with a different number of workers or processes "
+                f"(saved: {state.get('num_workers')} workers x {state.get('world_size')} processes)"
+            )
+        positions = {int(k): int(v) for k, v in state.get("positions", {}).items()}
+    dataset = ShardStream(urls, cfg, seed=seed, rank=rank, world_size=world_size, epochs=epochs,
+                          start_positions=positions)
+    dataset.next_worker = int(state.get("next_worker", 0)) if state else 0
+    return Loader(dataset, cfg.num_workers)

@@ -1,0 +1,45 @@
+import subprocess
+import sys
+
+import pytest
+
+from composer.cli import main
+from composer.config import load_config, save_config
+
+
+def test_presets_and_overrides_merge_over_typed_defaults(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("data:\n  batch_size: 3\ntrain:\n  lr: 0.5\n")
+    cfg = load_config([preset], ["train.lr=1e-4", "data.extras=[depth]"])
+    assert cfg.data.batch_size == 3 and cfg.train.lr == 1e-4 and list(cfg.data.extras) == ["depth"]
+    path = save_config(cfg, tmp_path / "run")
+    assert load_config([path]).train.lr == 1e-4
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.lr=fast", "train.lr"),
+    ("train.no_such_key=1", "no_such_key"),
+    ("train.lr", "key=value"),
+    ("data.shards=[unclosed", "data.shards"),
+])
+def test_bad_overrides_name_the_problem(override, words):
+    with pytest.raises(ValueError, match=words.replace(".", r"\.")):
+        load_config([], [override])
+
+
+def test_missing_preset_is_a_clear_error():
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_config(["no/such/preset"])
+
+
+def test_packaged_presets_load():
+    cfg = load_config(["data/scenes"])
+    assert cfg.data.resolution == 64
+
+
+def test_version_help_and_module_entry_point(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and "composer-diffusion" in capsys.readouterr().out
+    out = subprocess.run([sys.executable, "-m", "composer", "--help"], capture_output=True, text=True, check=True)
+    assert "scenes" in out.stdout and "shards" in out.stdout
