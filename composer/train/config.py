@@ -1,22 +1,37 @@
-"""Configuration of training (owned by composer/train)."""
+"""Configuration of training (owned by composer/train). Lengths and intervals count images seen,
+summed over all processes, so a schedule does not change with the batch size or the number of GPUs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
 class TrainConfig:
-    lr: float = 2e-4
+    lr: float = 2e-4  # peak AdamW learning rate
     weight_decay: float = 0.01
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (down to min_lr_ratio * lr)
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     warmup_images: int = 2_000  # linear learning-rate warm-up, counted in images seen
     total_images: int = 200_000  # training length, counted in images seen
-    grad_clip: float = 1.0
-    grad_accumulation: int = 1
-    mixed_precision: str = "auto"  # "auto", "bf16", "fp16" (GPU only) or "no"
+    grad_clip: float = 1.0  # max global gradient norm (0 disables clipping)
+    grad_accumulation: int = 1  # micro-batches per optimizer step
+    mixed_precision: str = "auto"  # "auto" (bf16 where supported, else fp32), "bf16", "fp16" (GPU only), "no"
+    device: str = "auto"  # "auto" (GPU when present), or "cpu" to force the CPU
     ema_decay: float = 0.999
-    checkpoint_every_images: int = 20_000
-    keep_checkpoints: int = 3
-    log_every_steps: int = 20
-    sample_every_images: int = 50_000
+    ema_warmup: bool = True  # effective decay min(ema_decay, (1 + n) / (10 + n)) after n updates
+    num_train_timesteps: int = 1000  # DDPM noise levels
+    beta_schedule: str = "squaredcos_cap_v2"  # DDPM beta schedule ("linear", "scaled_linear", "squaredcos_cap_v2")
+    checkpoint_every_images: int = 20_000  # 0: only at the end
+    keep_checkpoints: int = 3  # complete checkpoints kept in output_dir/checkpoints
+    log_every_steps: int = 20  # TensorBoard scalars every this many optimizer steps
+    sample_every_images: int = 50_000  # EMA sample grid every this many images (0: only at the end)
+    sample_images: int = 4  # held-out images per row of the sample grid
+    sample_steps: int = 25  # sampler steps for the grid
+    sample_guidance: float = 3.0  # guidance weight for the grid
+    sample_shards: list[str] | None = None  # held-out shards for the grid (default: data.shards, another seed)
+    tensorboard: bool = True
+    progress: bool = True  # tqdm progress bar on the main process
     resume: str | None = None  # a checkpoint folder, or "auto" for the latest in output_dir
