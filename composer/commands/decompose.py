@@ -1,0 +1,66 @@
+"""`composer-diffusion decompose`: write every representation of one image, and a labelled sheet."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from composer.commands._common import add_config_arguments, config_from_args
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "decompose", help="extract representations of an image (.npy + .png each, and sheet.png)",
+        description="Run the decomposers on IMAGE and write DIR/<name>.npy (the tensor the model sees; caption "
+        "writes <name>.<part>.npy per part), DIR/<name>.png (a picture of it) and DIR/sheet.png.",
+    )
+    parser.add_argument("image", help="input image (PNG, JPEG, ...)")
+    parser.add_argument("--only", default=None, help="comma-separated condition names (default: all enabled)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--caption", default=None, help="caption text for the caption decomposer")
+    parser.add_argument("--mask", default=None, help="mask image for masking (white = region to generate)")
+    parser.add_argument("--size", type=int, default=None, help="resize and centre-crop the image to this side first")
+    add_config_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from composer.imageio import labelled_row, load_image, save_image
+    from decomposers.set import DecomposerSet
+
+    cfg = config_from_args(args)
+    only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    image = load_image(args.image, args.size)
+    decomposers = DecomposerSet.from_config(cfg.decomposers, only=only)
+    names = decomposers.names
+    mask = None
+    if "masking" in names:
+        if args.mask is None:
+            raise ValueError("masking needs --mask MASK (white = region to generate), or leave it out with --only")
+        mask = load_image(args.mask)[:, :1]
+        if mask.shape[-2:] != image.shape[-2:]:
+            mask = torch.nn.functional.interpolate(mask, size=image.shape[-2:], mode="nearest")
+    captions = [args.caption] if args.caption is not None else None
+    if "caption" in names and captions is None:
+        raise ValueError("the caption decomposer needs --caption TEXT, or leave it out with --only")
+    conditions = decomposers.decompose(image, captions=captions, mask=mask)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tiles = [("input", image)]
+    for name in names:
+        rep = conditions[name]
+        if isinstance(rep, dict):
+            for part, tensor in rep.items():
+                np.save(out / f"{name}.{part}.npy", tensor[0].cpu().numpy())
+        else:
+            np.save(out / f"{name}.npy", rep[0].cpu().numpy())
+        picture = decomposers.visualize(name, rep)
+        save_image(picture, out / f"{name}.png")
+        tiles.append((name, picture))
+    labelled_row(tiles).save(out / "sheet.png")
+    print(f"wrote {len(names)} representations and sheet.png to {out}")
+    return 0

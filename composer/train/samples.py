@@ -1,0 +1,59 @@
+"""The sample grid a run writes every N images: EMA samples for a fixed held-out batch under a fixed set
+of condition subsets (all conditions, none, and each single condition), one row per subset.
+
+    subsets = condition_subsets(["caption", "depth"])   # [("all", [...]), ("none", []), ("caption", ...), ...]
+    grid = compose_grid(originals, [(label, images), ...])   # (3, H', W') float in [0, 1], labelled rows
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+LABEL_WIDTH = 96
+PADDING = 2
+
+
+def condition_subsets(names: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """(row label, condition names) for: all, none, then each condition alone (in ``names`` order)."""
+    names = list(names)
+    return [("all", names), ("none", []), *[(name, [name]) for name in names]]
+
+
+def compose_grid(originals: torch.Tensor, rows: Sequence[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """A labelled grid: first row the held-out originals, then one row per (label, images).
+
+    originals and each row's images: (N, 3, H, W) float in [0, 1] at one size. Returns (3, H', W') in [0, 1].
+    """
+    all_rows = [("held-out", originals), *rows]
+    count, _, height, width = originals.shape
+    cell_h, cell_w = height + PADDING, width + PADDING
+    canvas = np.full((len(all_rows) * cell_h + PADDING, LABEL_WIDTH + count * cell_w + PADDING, 3), 255, np.uint8)
+    for r, (_label, images) in enumerate(all_rows):
+        if images.shape[0] != count or images.shape[-2:] != (height, width):
+            raise ValueError(f"row {r} has images of shape {tuple(images.shape)}, expected ({count}, 3, {height}, {width})")
+        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        for c in range(count):
+            top, left = PADDING + r * cell_h, LABEL_WIDTH + PADDING + c * cell_w
+            canvas[top : top + height, left : left + width] = pixels[c]
+    picture = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default()
+    for r, (label, _images) in enumerate(all_rows):
+        draw.text((4, PADDING + r * cell_h + height // 2 - 5), label[:14], fill=(0, 0, 0), font=font)
+    return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def save_grid(grid: torch.Tensor, path: str | Path) -> Path:
+    """Write a (3, H, W) [0, 1] grid as PNG (through a temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(pixels).save(tmp, format="PNG")
+    tmp.replace(path)
+    return path

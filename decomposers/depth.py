@@ -1,0 +1,98 @@
+"""depth: relative depth from a transformers depth-estimation model (DPT, Depth Anything).
+
+The model is loaded with ``AutoModelForDepthEstimation`` and its ``AutoImageProcessor`` settings from a
+local folder or a hub id already in the cache (``local_files_only`` when ``HF_HUB_OFFLINE`` is set).
+These models predict relative *inverse* depth (disparity: larger = nearer); we normalise it per image to
+[0, 1] and flip it, so the representation is 0 for the nearest and 1 for the farthest pixel, the same
+convention as the synthetic scenes' ground-truth depth (which is used instead when the batch has it).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from composer.conditions import LOCAL, ConditionSpec
+from decomposers.base import Decomposer
+from decomposers.clip import resolve_path
+from decomposers.registry import register_decomposer
+
+
+def normalise_per_image(x: torch.Tensor) -> torch.Tensor:
+    low = x.amin(dim=(1, 2, 3), keepdim=True)
+    high = x.amax(dim=(1, 2, 3), keepdim=True)
+    return (x - low) / (high - low).clamp_min(1e-6)
+
+
+@register_decomposer
+class DepthDecomposer(Decomposer):
+    """forward(images (B, 3, H, W) in [0, 1], depth=None) -> (B, 1, H, W) in [0, 1], larger = farther."""
+
+    name = "depth"
+    kinds = (LOCAL,)
+
+    def __init__(self, weights: str | None = None, image_size: int | None = None, source: str = "auto",
+                 base_dir: str | None = None):
+        super().__init__()
+        self.weights = resolve_path(weights, base_dir) if weights else None
+        self.image_size, self.source = image_size, source
+        self._model = None
+        self.register_buffer("mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def spec(self) -> ConditionSpec:
+        return ConditionSpec(self.name, self.kinds, 1)
+
+    def model(self):
+        if self._model is None:
+            if not self.weights:
+                raise ValueError("no depth model configured; set decomposers.options.depth.weights to a local folder or "
+                                 "a cached hub id (e.g. depth-anything/Depth-Anything-V2-Small-hf)")
+            from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+            try:
+                model = AutoModelForDepthEstimation.from_pretrained(self.weights, local_files_only=offline)
+                processor = AutoImageProcessor.from_pretrained(self.weights, local_files_only=offline)
+            except OSError as error:
+                raise FileNotFoundError(f"depth model {self.weights} could not be loaded ({str(error).splitlines()[0][:200]}); "
+                                        "set decomposers.options.depth.weights to a local folder") from None
+            model.eval().requires_grad_(False).to(self.mean.device)
+            self._model = model
+            self.mean.copy_(torch.tensor(processor.image_mean).view(1, 3, 1, 1))
+            self.std.copy_(torch.tensor(processor.image_std).view(1, 3, 1, 1))
+            size = getattr(processor, "size", None) or {}
+            side = self.image_size or size.get("height") or size.get("shortest_edge") or 384
+            multiple = getattr(processor, "ensure_multiple_of", None) or 14
+            self.image_size = int(round(side / multiple) * multiple)
+        return self._model
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        model = self.model()
+        h, w = images.shape[-2:]
+        x = F.interpolate(images.float(), size=(self.image_size, self.image_size), mode="bicubic",
+                          align_corners=False, antialias=True).clamp(0, 1)
+        x = (x - self.mean) / self.std
+        disparity = model(pixel_values=x.to(self.mean.device)).predicted_depth
+        if disparity.ndim == 3:
+            disparity = disparity[:, None]
+        disparity = F.interpolate(disparity.float(), size=(h, w), mode="bilinear", align_corners=False)
+        return 1.0 - normalise_per_image(disparity)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, depth: torch.Tensor | None = None, **context: Any) -> torch.Tensor:
+        if depth is not None and self.source != "model":
+            return normalise_per_image(depth.to(images.device).float())
+        if self.source == "precomputed":
+            raise ValueError("depth source is 'precomputed' but the batch has no depth map; add depth to data.extras "
+                             "or set decomposers.options.depth.source=model")
+        return self.predict(images)
+
+    def visualize(self, rep: torch.Tensor) -> torch.Tensor:
+        """Near bright, far dark."""
+        return (1.0 - rep).repeat(1, 3, 1, 1)

@@ -1,0 +1,118 @@
+"""DecomposerSet: the enabled decomposers, run batched on one device, producing a Conditions batch."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from composer.conditions import CAPTION, Conditions, ConditionSpec
+from decomposers.registry import get_decomposer, list_decomposers
+
+# Batch extras a decomposer reads (precomputed ground truth replaces the model when present).
+EXTRA_INPUTS = {"instances": ("instances", "classes"), "depth": ("depth",), "masking": ("instances",)}
+NEEDS_BASE_DIR = {"caption", "image_embedding", "instances", "depth"}
+
+
+class DecomposerSet(nn.Module):
+    """The decomposers named in ``enabled``, each built with ``options[name]``.
+
+    ``base_dir`` resolves relative weight paths (a pipeline folder). Frozen decomposers run under
+    ``no_grad``; trainable ones (``trainable = True``, e.g. slots) keep their graph.
+    """
+
+    def __init__(self, enabled: Iterable[str], options: Mapping[str, Mapping[str, Any]] | None = None,
+                 base_dir: str | os.PathLike | None = None):
+        super().__init__()
+        options = {k: dict(v) for k, v in (options or {}).items()}
+        known = list_decomposers()
+        enabled = list(enabled)
+        unknown = [n for n in enabled if n not in known]
+        if unknown:
+            raise ValueError(f"unknown condition(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+        extra_options = set(options) - set(known)
+        if extra_options:
+            raise ValueError(f"options given for unknown decomposer(s) {', '.join(sorted(extra_options))}; "
+                             f"choose from {', '.join(known)}")
+        self.options = options
+        self.base_dir = str(base_dir) if base_dir else None
+        self.decomposers = nn.ModuleDict()
+        for name in enabled:
+            kwargs = dict(options.get(name, {}))
+            if name in NEEDS_BASE_DIR and self.base_dir:
+                kwargs.setdefault("base_dir", self.base_dir)
+            try:
+                self.decomposers[name] = get_decomposer(name, **kwargs)
+            except TypeError as error:
+                raise ValueError(f"bad option for decomposer {name!r}: {error}; check decomposers.options.{name}") from None
+
+    @classmethod
+    def from_config(cls, section: Any, base_dir: str | os.PathLike | None = None,
+                    only: Iterable[str] | None = None) -> DecomposerSet:
+        enabled = list(section.enabled)
+        if only is not None:
+            only = list(only)
+            unknown = [n for n in only if n not in list_decomposers()]
+            if unknown:
+                raise ValueError(f"unknown condition(s) {', '.join(unknown)}; choose from {', '.join(list_decomposers())}")
+            enabled = only
+        options = {k: dict(v) for k, v in dict(section.options).items()}
+        return cls(enabled, options, base_dir)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.decomposers)
+
+    def specs(self) -> dict[str, ConditionSpec]:
+        return {name: d.spec for name, d in self.decomposers.items()}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for d in self.decomposers.values() if getattr(d, "trainable", False) for p in d.parameters()]
+
+    def decompose(
+        self,
+        images: torch.Tensor,
+        *,
+        captions: list[str] | None = None,
+        extras: Mapping[str, torch.Tensor] | None = None,
+        training: bool = False,
+        generator: torch.Generator | None = None,
+        names: Iterable[str] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> Conditions:
+        """Run the chosen decomposers on (B, 3, H, W) images in [0, 1]; returns their Conditions.
+
+        A caption of '' marks that sample's caption as missing (its keep mask is False).
+        """
+        extras = dict(extras or {})
+        names = self.names if names is None else list(names)
+        values: dict[str, Any] = {}
+        keep: dict[str, torch.Tensor] = {}
+        for name in names:
+            if name not in self.decomposers:
+                raise ValueError(f"condition {name!r} is not enabled; enabled: {', '.join(self.names)}")
+            decomposer = self.decomposers[name]
+            if name == CAPTION:
+                if captions is None:
+                    continue
+                keep[name] = torch.tensor([bool(c and c.strip()) for c in captions], dtype=torch.bool)
+            context: dict[str, Any] = {"training": training, "generator": generator}
+            if name == CAPTION:
+                context["captions"] = [c or "" for c in captions]
+            for key in EXTRA_INPUTS.get(name, ()):
+                if key in extras:
+                    context[key] = extras[key]
+            if name == "masking" and mask is not None:
+                context["mask"] = mask
+            if getattr(decomposer, "trainable", False):
+                values[name] = decomposer(images, **context)
+            else:
+                with torch.no_grad():
+                    values[name] = decomposer(images, **context)
+        return Conditions(values, keep, images.shape[0])
+
+    def visualize(self, name: str, rep: Any) -> torch.Tensor:
+        return self.decomposers[name].visualize(rep)
