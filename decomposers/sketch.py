@@ -75,7 +75,7 @@ class SketchDecomposer(Decomposer):
     name = "sketch"
     kinds = (LOCAL,)
 
-    def __init__(self, low_threshold: float = 0.1, high_threshold: float = 0.2, blur_sigma: float = 1.0,
+    def __init__(self, low_threshold: float = 0.2, high_threshold: float = 0.4, blur_sigma: float = 1.5,
                  min_length: int | None = None):
         super().__init__()
         if not 0 < low_threshold < high_threshold < 1:
