@@ -55,10 +55,10 @@ def bin_centres_rgb() -> torch.Tensor:
     """(275, 3) RGB colour of every bin centre, in the histogram's order (for visualisation)."""
     import kornia
 
-    l = (torch.arange(LIGHTNESS_BINS) + 0.5) * (100.0 / LIGHTNESS_BINS)
-    c = (torch.arange(CHROMA_BINS) + 0.5) * (100.0 / CHROMA_BINS)
-    h = (torch.arange(HUE_BINS) + 0.5) * (2 * math.pi / HUE_BINS) - math.pi
-    L, C, H = torch.meshgrid(l, c, h, indexing="ij")
+    lightness = (torch.arange(LIGHTNESS_BINS) + 0.5) * (100.0 / LIGHTNESS_BINS)
+    chroma = (torch.arange(CHROMA_BINS) + 0.5) * (100.0 / CHROMA_BINS)
+    hue = (torch.arange(HUE_BINS) + 0.5) * (2 * math.pi / HUE_BINS) - math.pi
+    L, C, H = torch.meshgrid(lightness, chroma, hue, indexing="ij")
     lab = torch.stack([L, C * torch.cos(H), C * torch.sin(H)]).reshape(3, -1, 1)
     return kornia.color.lab_to_rgb(lab[None], clip=True)[0, :, :, 0].T
 
