@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from composer.conditions import GLOBAL, TOKENS, ConditionSpec
+from open_clip.transformer import text_global_pool
 from decomposers.base import Decomposer
 from decomposers.clip import load_open_clip
 from decomposers.registry import register_decomposer
@@ -59,7 +60,12 @@ class CaptionDecomposer(Decomposer):
         x = clip.token_embedding(tokens) + clip.positional_embedding
         x = clip.transformer(x, attn_mask=clip.attn_mask)
         words = clip.ln_final(x)
-        sentence = clip.encode_text(tokens, normalize=True)
+        # pool and project exactly as open_clip's encode_text does, without a second pass of the transformer
+        pooled = text_global_pool(words, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+        projection = clip.text_projection
+        if projection is not None:
+            pooled = projection(pooled) if isinstance(projection, torch.nn.Linear) else pooled @ projection
+        sentence = F.normalize(pooled, dim=-1)
         eot = tokens.argmax(dim=-1)  # the end token has the largest id in CLIP's vocabulary
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         mask = positions[None] <= eot[:, None]

@@ -282,3 +282,17 @@ def test_decompose_cli_writes_arrays_pictures_and_sheet(tmp_path, capsys):
     assert "decomposers.options.depth.weights" in capsys.readouterr().err
     assert main(["decompose", str(tmp_path / "nope.png"), "--only", "palette", "--out", str(out)]) == 2
     assert main(["decompose", str(tmp_path / "coffee.png"), "--only", "rainbow", "--out", str(out)]) == 2
+
+
+def test_caption_matches_open_clip_and_masks_padding(tiny_weights):
+    decomposer = get_decomposer("caption", **tiny_weights["caption"])
+    captions = ["a cat", "a large red striped star left of a small blue circle"]
+    rep = decomposer(torch.zeros(2, 3, 8, 8), captions=captions)
+    tokens = decomposer.tokenizer(captions, context_length=decomposer.context_length)
+    torch.testing.assert_close(rep["sentence"], decomposer.clip.encode_text(tokens, normalize=True))
+    lengths = rep["words_mask"].sum(1).tolist()
+    assert lengths[0] == 4 and lengths[1] > lengths[0]  # start, "a", "cat", end
+    # a changed word changes the word states from that position on, not before it (causal text tower)
+    other = decomposer(torch.zeros(1, 3, 8, 8), captions=["a dog"])
+    torch.testing.assert_close(rep["words"][0, :2], other["words"][0, :2])
+    assert not torch.allclose(rep["words"][0, 2], other["words"][0, 2])
