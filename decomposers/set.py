@@ -17,6 +17,19 @@ EXTRA_INPUTS = {"instances": ("instances", "classes"), "depth": ("depth",), "mas
 NEEDS_BASE_DIR = {"caption", "image_embedding", "instances", "depth"}
 
 
+def _is_representation(value: torch.Tensor, spec: ConditionSpec) -> bool:
+    """Whether a batch extra is the representation itself rather than a raw input (e.g. an id map)."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return False
+    if spec.name == "depth":
+        return False  # raw ground truth and the representation look alike; the decomposer normalises either
+    if spec.is_local:
+        return value.ndim == 4 and value.shape[1] == spec.dim
+    if spec.num_tokens:
+        return value.ndim == 3 and value.shape[-1] == spec.dim
+    return value.ndim == 2 and value.shape[-1] == spec.dim
+
+
 class DecomposerSet(nn.Module):
     """The decomposers named in ``enabled``, each built with ``options[name]``.
 
@@ -95,6 +108,10 @@ class DecomposerSet(nn.Module):
             if name not in self.decomposers:
                 raise ValueError(f"condition {name!r} is not enabled; enabled: {', '.join(self.names)}")
             decomposer = self.decomposers[name]
+            precomputed = extras.get(name)
+            if precomputed is not None and _is_representation(precomputed, decomposer.spec):
+                values[name] = precomputed.to(images.device).float()  # written by `composer-diffusion precompute`
+                continue
             if name == CAPTION:
                 if captions is None:
                     continue

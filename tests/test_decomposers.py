@@ -296,3 +296,52 @@ def test_caption_matches_open_clip_and_masks_padding(tiny_weights):
     other = decomposer(torch.zeros(1, 3, 8, 8), captions=["a dog"])
     torch.testing.assert_close(rep["words"][0, :2], other["words"][0, :2])
     assert not torch.allclose(rep["words"][0, 2], other["words"][0, 2])
+
+
+def test_precompute_writes_members_the_loader_and_set_use(tmp_path, capsys):
+    from composer.config import load_config
+    from composer.data.loader import make_loader
+    from composer.data.shards import write_scene_shards
+
+    write_scene_shards(tmp_path / "in", 6, 64, seed=1, shard_size=3, progress=False)
+    code = main(["precompute", "--shards", str(tmp_path / "in" / "scenes-*.tar"), "--only", "palette,sketch,instances",
+                 "--out", str(tmp_path / "out"), "--batch-size", "4"])
+    assert code == 0
+    cfg = load_config([], ["data.shuffle_buffer=0", "data.shuffle_shards=false", "data.batch_size=6",
+                           "data.extras=[palette,sketch,instances,classes]"])
+    cfg.data.shards = [str(tmp_path / "out" / "scenes-*.tar")]
+    batch = next(iter(make_loader(cfg.data, seed=0, epochs=1)))
+    assert batch["palette"].shape == (6, 275) and batch["instances"].shape == (6, 5, 64, 64)
+    decomposers = DecomposerSet(["palette", "sketch", "instances"])
+    fresh = decomposers.decompose(batch["image"], names=["palette", "sketch"])
+    stored = decomposers.decompose(batch["image"], extras={k: batch[k] for k in ("palette", "sketch", "instances")})
+    torch.testing.assert_close(stored["palette"], fresh["palette"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(stored["sketch"], fresh["sketch"], atol=1e-3, rtol=0)  # float16 storage
+    # the stored instances representation (from the scenes' ground truth) is used as is
+    assert torch.equal(stored["instances"][:, 3] > 0.5, batch["classes"][:, 0] > 0)
+    assert main(["precompute", "--shards", str(tmp_path / "in" / "scenes-*.tar"), "--only", "masking",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "cannot be precomputed" in capsys.readouterr().err
+
+
+def test_plugins_arrive_through_entry_points(monkeypatch):
+    from importlib import metadata
+
+    import decomposers.registry as registry
+
+    class Brightness(Decomposer):
+        name = "brightness_plugin"
+        kinds = ("global",)
+
+    class FakeEntryPoint:
+        name = "brightness_plugin"
+
+        def load(self):
+            return Brightness
+
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setattr(metadata, "entry_points", lambda group=None: [FakeEntryPoint()] if group == registry.ENTRY_POINT_GROUP else [])
+    try:
+        assert "brightness_plugin" in list_decomposers()
+    finally:
+        registry._REGISTRY.pop("brightness_plugin", None)

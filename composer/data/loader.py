@@ -199,7 +199,7 @@ class ShardStream(IterableDataset):
             raise SampleError("missing_member", f"sample {sample.get('__key__')} has no {name}.png/.npy")
         if array.ndim == 2:
             array = array[None]
-        if name in INTEGER_MAPS or np.issubdtype(array.dtype, np.integer):
+        if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
             return torch.from_numpy(array.astype(np.int64))
         return torch.from_numpy(array.astype(np.float32))
 
