@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
 
 from composer.conditions import GLOBAL, TOKENS, ConditionSpec
-from open_clip.transformer import text_global_pool
 from decomposers.base import Decomposer
 from decomposers.clip import load_open_clip
 from decomposers.registry import register_decomposer
