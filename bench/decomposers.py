@@ -45,7 +45,12 @@ def photos(size: int, count: int) -> torch.Tensor:
 def build_weights(root: Path) -> dict:
     import open_clip
     from safetensors.torch import save_file
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+    from transformers import (
+        DepthAnythingConfig,
+        DepthAnythingForDepthEstimation,
+        Dinov2Config,
+        DPTImageProcessor,
+    )
     from ultralytics import YOLO
 
     save_file(open_clip.create_model("ViT-B-32", pretrained=None).state_dict(), root / "clip.safetensors")
@@ -94,7 +99,7 @@ def main() -> None:
         for name in names:
             decomposer = get_decomposer(name, **weights.get(name, {}))
 
-            def run(lo: int, hi: int) -> None:
+            def run(lo: int, hi: int, name: str = name, decomposer=decomposer) -> None:
                 context = {}
                 if name == "caption":
                     context["captions"] = captions[lo:hi]

@@ -79,3 +79,10 @@ def png_bytes():
     buffer = io.BytesIO()
     Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_folder_of_only_unreadable_files_is_an_error(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="could be read"):
+        write_image_folder_shards(tmp_path, tmp_path / "out", progress=False)
+    assert not list((tmp_path / "out").glob("*.tar"))

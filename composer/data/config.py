@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 class DataConfig:
     """Streaming webdataset shards into batches."""
 
-    shards: list[str] = field(default_factory=lambda: ["data/scenes/scenes-{000000..000003}.tar"])  # paths, globs, brace patterns or URLs
+    shards: list[str] = field(default_factory=lambda: ["data/scenes/scenes-*.tar"])  # paths, globs, brace patterns or URLs
     resolution: int = 64  # output images are resolution x resolution
     crop: str = "center"  # "center" or "random"
     batch_size: int = 8

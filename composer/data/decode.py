@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff")
-Image.MAX_IMAGE_PIXELS = None  # the loader applies its own, configurable, limit before decoding
 
 
 class SampleError(Exception):
@@ -28,6 +27,8 @@ class SampleError(Exception):
 def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError:
+        raise SampleError("too_large", "larger than Pillow's decompression-bomb limit") from None
     except Exception as error:
         raise SampleError("corrupt", f"unreadable image header ({type(error).__name__})") from None
     width, height = image.size
@@ -37,6 +38,8 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image.load()
+    except Image.DecompressionBombError:
+        raise SampleError("too_large", "larger than Pillow's decompression-bomb limit") from None
     except Exception as error:
         raise SampleError("corrupt", f"truncated or undecodable image ({type(error).__name__})") from None
     return image

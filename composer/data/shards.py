@@ -130,6 +130,10 @@ def write_image_folder_shards(
             yield key, members
 
     shards = _write_shards(out_dir, "images", samples(), len(files), shard_size, progress, "images", overwrite)
+    if skipped == len(files):
+        for path in shards:
+            path.unlink()
+        raise ValueError(f"none of the {len(files)} image files in {image_dir} could be read; check that they are images")
     return shards, skipped
 
 
