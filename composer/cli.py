@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("YOLO_OFFLINE", "1")
+    # Offline by default: a hub id or open_clip tag that is not cached fails at once instead of downloading
+    # (or retrying for minutes without a network). HF_HUB_OFFLINE=0 in the environment allows downloads.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -64,8 +64,14 @@ def load_open_clip(
     if key not in _CACHE:
         try:
             model = open_clip.create_model(model_name, pretrained=weights, load_weights=True)
-        except RuntimeError as error:  # open_clip raises RuntimeError for unknown models / bad tags
-            raise ValueError(f"could not load CLIP {model_name} with weights {pretrained}: {' '.join(str(error).split())[:300]}") from None
+        except RuntimeError as error:  # open_clip raises RuntimeError for unknown models / bad tags / failed downloads
+            message = " ".join(str(error).split())
+            if "download" in message.lower():
+                raise FileNotFoundError(
+                    f"CLIP weights {pretrained!r} for {model_name} are not in the local cache and downloads are off; "
+                    f"set {option} to a local checkpoint path"
+                ) from None
+            raise ValueError(f"could not load CLIP {model_name} with weights {pretrained}: {message[:300]}; fix {option}") from None
         except Exception as error:  # e.g. a hub tag that is not cached while offline
             if "offline" in str(error).lower() or "local" in str(error).lower() or "connect" in str(error).lower():
                 raise FileNotFoundError(

@@ -2,8 +2,9 @@
 
 The model is loaded with ``AutoModelForDepthEstimation`` and its ``AutoImageProcessor`` settings from a
 local folder or a hub id already in the cache (``local_files_only`` when ``HF_HUB_OFFLINE`` is set).
-These models predict relative *inverse* depth (disparity: larger = nearer); we normalise it per image to
-[0, 1] and flip it, so the representation is 0 for the nearest and 1 for the farthest pixel, the same
+DPT and (relative) Depth Anything predict *inverse* depth (disparity: larger = nearer); we normalise it per
+image to [0, 1] and flip it, so the representation is 0 for the nearest and 1 for the farthest pixel
+(metric-depth models, e.g. metric Depth Anything or ZoeDepth, predict depth and are not flipped): the same
 convention as the synthetic scenes' ground-truth depth (which is used instead when the batch has it).
 """
 
@@ -40,6 +41,7 @@ class DepthDecomposer(Decomposer):
         self.weights = resolve_path(weights, base_dir) if weights else None
         self.image_size, self.source = image_size, source
         self._model = None
+        self.predicts_disparity = True
         self.register_buffer("mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
 
@@ -62,6 +64,11 @@ class DepthDecomposer(Decomposer):
                 raise FileNotFoundError(f"depth model {self.weights} could not be loaded ({str(error).splitlines()[0][:200]}); "
                                         "set decomposers.options.depth.weights to a local folder") from None
             model.eval().requires_grad_(False).to(self.mean.device)
+            # DPT and relative Depth Anything predict inverse depth; metric Depth Anything, ZoeDepth, GLPN, ...
+            # predict depth itself
+            config = model.config
+            self.predicts_disparity = config.model_type in ("dpt", "depth_anything") and getattr(
+                config, "depth_estimation_type", "relative") != "metric"
             self._model = model
             self.mean.copy_(torch.tensor(processor.image_mean).view(1, 3, 1, 1))
             self.std.copy_(torch.tensor(processor.image_std).view(1, 3, 1, 1))
@@ -82,6 +89,8 @@ class DepthDecomposer(Decomposer):
         if disparity.ndim == 3:
             disparity = disparity[:, None]
         disparity = F.interpolate(disparity.float(), size=(h, w), mode="bilinear", align_corners=False)
+        if not self.predicts_disparity:
+            return normalise_per_image(disparity)  # a metric-depth model: already larger = farther
         return 1.0 - normalise_per_image(disparity)
 
     @torch.no_grad()

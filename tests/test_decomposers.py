@@ -311,13 +311,13 @@ def test_precompute_writes_members_the_loader_and_set_use(tmp_path, capsys):
                            "data.extras=[palette,sketch,instances,classes]"])
     cfg.data.shards = [str(tmp_path / "out" / "scenes-*.tar")]
     batch = next(iter(make_loader(cfg.data, seed=0, epochs=1)))
-    assert batch["palette"].shape == (6, 275) and batch["instances"].shape == (6, 5, 64, 64)
+    assert batch["palette"].shape == (6, 275) and batch["instances"].shape == (6, 1, 64, 64)  # scene ground-truth ids kept
     decomposers = DecomposerSet(["palette", "sketch", "instances"])
     fresh = decomposers.decompose(batch["image"], names=["palette", "sketch"])
-    stored = decomposers.decompose(batch["image"], extras={k: batch[k] for k in ("palette", "sketch", "instances")})
+    stored = decomposers.decompose(batch["image"], extras={k: batch[k] for k in ("palette", "sketch", "instances", "classes")})
     torch.testing.assert_close(stored["palette"], fresh["palette"], atol=1e-6, rtol=0)
     torch.testing.assert_close(stored["sketch"], fresh["sketch"], atol=1e-3, rtol=0)  # float16 storage
-    # the stored instances representation (from the scenes' ground truth) is used as is
+    # the scenes' ground-truth id maps are kept and encoded
     assert torch.equal(stored["instances"][:, 3] > 0.5, batch["classes"][:, 0] > 0)
     assert main(["precompute", "--shards", str(tmp_path / "in" / "scenes-*.tar"), "--only", "masking",
                  "--out", str(tmp_path / "x")]) == 2

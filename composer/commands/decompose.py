@@ -9,6 +9,9 @@ import numpy as np
 
 from composer.commands._common import add_config_arguments, config_from_args
 
+# decomposers that run a pretrained model, and the option naming its weights
+WEIGHT_OPTIONS = {"caption": "pretrained", "image_embedding": "pretrained", "instances": "weights", "depth": "weights"}
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -35,6 +38,15 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
     image = load_image(args.image, args.size)
+    wanted = only if only is not None else list(cfg.decomposers.enabled)
+    options = {k: dict(v) for k, v in dict(cfg.decomposers.options).items()}
+    missing = [f"decomposers.options.{name}.{key}" for name, key in WEIGHT_OPTIONS.items()
+               if name in wanted and not options.get(name, {}).get(key)]
+    if missing:
+        names_missing = ", ".join(m.split(".")[2] for m in missing)
+        verb = "needs" if len(missing) == 1 else "need"
+        raise ValueError(f"{names_missing} {verb} weights: set {', '.join(missing)} (--set KEY=PATH or --config), "
+                         f"or leave them out with --only")
     decomposers = DecomposerSet.from_config(cfg.decomposers, only=only)
     names = decomposers.names
     mask = None

@@ -5,6 +5,10 @@ as float16 to halve the size, global vectors as float32). List the names in ``da
 reads them; the DecomposerSet then uses a precomputed tensor of the representation's own shape instead of
 running the model again.
 
+``instances`` is the exception: YOLO's id maps are written as ``KEY.instances.png`` and ``KEY.classes.png``
+(16-bit, the scenes' ground-truth format, kept as is where a sample already has it); list both in
+``data.extras``.
+
 Not precomputable: ``caption`` (a dict of three tensors; it is cheap next to the image models) and
 ``masking`` (a new random mask every step is the point of it).
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 from pathlib import Path
 
 from composer.commands._common import add_config_arguments, config_from_args
@@ -40,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     from composer.data.decode import SampleError, decode_map, decode_rgb, find_image_member
     from composer.data.loader import _check_shards, expand_shards
+    from composer.data.shards import encode_png
     from decomposers.set import DecomposerSet
 
     cfg = config_from_args(args)
@@ -71,21 +77,37 @@ def run(args: argparse.Namespace) -> int:
                         for s, _ in pending]
                 tensor = torch.stack(maps)[:, None]
                 extras[key] = tensor / 65535.0 if key == "depth" else tensor
-        conditions = decomposers.decompose(images, extras=extras)
+        # instances are stored as what the loader calls "instances"/"classes": id maps (16-bit PNG, nearest
+        # resizing), never the 5-channel encoding, which would shadow the ids that masking's object masks read
+        maps = None
+        if "instances" in names and "instances" not in extras:
+            maps = decomposers.decomposers["instances"].predict_maps(images)
+        others = [n for n in names if n != "instances"]
+        conditions = decomposers.decompose(images, extras=extras, names=others) if others else {}
         for i, (sample, _) in enumerate(pending):
             record = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
-            for name in names:
+            for name in others:
                 rep = conditions[name][i].detach().float().cpu().numpy()
                 record[f"{name}.npy"] = encode(rep.astype(np.float16) if rep.ndim == 3 else rep)
+            if maps is not None and "instances.png" not in sample:  # ground truth, when present, is kept
+                record["instances.png"] = encode_png(maps[0][i, 0].cpu().numpy().astype(np.uint16))
+                record["classes.png"] = encode_png(maps[1][i, 0].cpu().numpy().astype(np.uint16))
             sink.write(record)
             written += 1
         pending.clear()
 
     from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-    for url in tqdm(urls, unit="shard", desc="precompute"):
-        target = out / Path(url).name
-        with wds.TarWriter(str(target)) as sink:
+    targets = [out / Path(url).name for url in urls]
+    clashes = [str(t) for t, url in zip(targets, urls) if t.resolve() == Path(url).resolve()]
+    if clashes:
+        raise ValueError(f"--out would overwrite the input shard {clashes[0]}; choose another --out folder")
+    if len(set(targets)) < len(targets):
+        raise ValueError("two input shards share a file name and would overwrite each other in --out; "
+                         "precompute them into separate folders")
+    for url, target in tqdm(list(zip(urls, targets)), unit="shard", desc="precompute"):
+        partial = target.with_name(target.name + ".partial")
+        with wds.TarWriter(str(partial)) as sink:
             pending: list[tuple[dict, torch.Tensor]] = []
             for sample in group_by_keys(tar_file_expander(url_opener([{"url": url}]))):
                 try:
@@ -99,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
                 if len(pending) == args.batch_size:
                     flush(pending, sink)
             flush(pending, sink)
-    print(f"wrote {written} samples with {', '.join(n + '.npy' for n in names)} to {out}"
+        os.replace(partial, target)  # a crash never leaves a truncated shard under the final name
+    members = [n + ".npy" for n in names if n != "instances"] + (["instances.png", "classes.png"] if "instances" in names else [])
+    print(f"wrote {written} samples with {', '.join(members)} to {out}"
           + (f"; skipped {skipped} unreadable samples" if skipped else ""))
     return 0
