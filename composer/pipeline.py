@@ -288,7 +288,7 @@ def _portable_options(config: Mapping[str, Any], decomposer_dir: Path) -> dict[s
     from decomposers.clip import resolve_path
 
     config = json.loads(json.dumps(config, default=list))
-    for name, options in (config.get("options") or {}).items():
+    for options in (config.get("options") or {}).values():
         for key in FILE_OPTIONS:
             value = options.get(key)
             if not isinstance(value, str):
