@@ -1,0 +1,249 @@
+"""The training loop of the 64 px base model, on one CPU or many GPUs through accelerate.
+
+    python -m composer train --config configs/train/tiny.yaml
+    accelerate launch --multi_gpu --num_processes 2 -m composer train --config ...   (CPU: ACCELERATE_USE_CPU=true)
+
+One step: a batch streamed from shards (split by node and worker) -> frozen decomposers batched on the
+training device under no_grad (precomputed members used when the shard has them) -> dropout keep masks ->
+DDPM epsilon loss; trainable decomposers (slots) run inside the model's forward so DDP synchronises them.
+All step randomness comes from a generator seeded by (seed, rank, images seen), so a resumed run repeats
+the uninterrupted one. Checkpoints (accelerate state + EMA + data position) are written atomically every
+``train.checkpoint_every_images``, with the EMA pipeline folder ``output_dir/pipeline`` beside them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from omegaconf import DictConfig, OmegaConf
+
+from composer.config import save_config
+from composer.data.loader import make_loader
+from composer.dropout import DropoutPolicy
+from composer.pipeline import ComposerPipeline
+from composer.train.accelerator import make_accelerator
+from composer.train.checkpoint import CheckpointStore, publish_directory, recover_directory, resolve_resume
+from composer.train.ema import EMA
+from composer.train.module import TrainingModule
+from composer.train.monitor import Monitor
+from composer.train.samples import compose_grid, condition_subsets, save_grid
+from composer.train.schedule import make_lr_scheduler
+from composer.train.seeding import step_generator
+from composer.train.state import TrainingState, load_checkpoint, save_checkpoint
+from composer.unet import build_model
+from decomposers.set import DecomposerSet
+
+RAW_EXTRAS = ("instances", "classes", "depth")
+
+
+def _extras(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "image"}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or resume) training as configured; returns a summary (images seen, last loss, paths)."""
+    tcfg = cfg.train
+    out = Path(cfg.output_dir)
+    accelerator = make_accelerator(device=tcfg.device, mixed_precision=tcfg.mixed_precision,
+                                   grad_accumulation=tcfg.grad_accumulation, project_dir=str(out))
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+
+    # 1. Decomposers, model, optimiser, schedules
+    decomposers = DecomposerSet.from_config(cfg.decomposers).to(device)
+    trainable_names = [n for n, d in decomposers.decomposers.items() if getattr(d, "trainable", False)]
+    frozen_names = [n for n in decomposers.names if n not in trainable_names]
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    unet = build_model(cfg.model, decomposers.specs())
+    module = TrainingModule(unet, {n: decomposers.decomposers[n] for n in trainable_names})
+    module.train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=tcfg.lr, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps,
+                                  weight_decay=tcfg.weight_decay)
+    batch_size = int(cfg.data.batch_size)
+    state = TrainingState(world_size=world, batch_size=batch_size, grad_accumulation=tcfg.grad_accumulation,
+                          seed=cfg.seed)
+    lr_scheduler = make_lr_scheduler(optimizer, images_per_step=state.images_per_step,
+                                     warmup_images=tcfg.warmup_images, total_images=tcfg.total_images,
+                                     schedule=tcfg.lr_schedule, min_factor=tcfg.min_lr_ratio)
+    module, optimizer, lr_scheduler = accelerator.prepare(module, optimizer, lr_scheduler)
+    ema = EMA(accelerator.unwrap_model(module), decay=tcfg.ema_decay, warmup=tcfg.ema_warmup)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=tcfg.num_train_timesteps, beta_schedule=tcfg.beta_schedule)
+    dropout = DropoutPolicy(cfg.dropout)
+
+    # 2. Resume
+    store = CheckpointStore(out / "checkpoints", keep=tcfg.keep_checkpoints)
+    if accelerator.is_main_process:
+        store.remove_leftovers()
+        recover_directory(out / "pipeline")
+    accelerator.wait_for_everyone()
+    data_state = None
+    resume = resolve_resume(tcfg.resume, store)
+    if resume is not None:
+        state, data_state = load_checkpoint(accelerator, resume, ema, state)
+    loader = make_loader(cfg.data, seed=cfg.seed, rank=rank, world_size=world, state=data_state)
+    monitor = Monitor(out / "tensorboard" if tcfg.tensorboard else None, enabled=accelerator.is_main_process,
+                      progress=tcfg.progress, total_images=tcfg.total_images, initial_images=state.images_seen)
+    if resume is not None:
+        monitor.write(f"resumed from {resume} at {state.images_seen} images (step {state.step})")
+    held_out = _held_out_batch(cfg, device) if accelerator.is_main_process else None
+
+    # 3. Train
+    batches = iter(loader)
+    last_loss = float("nan")
+    losses: list[tuple[int, float]] = []
+    next_checkpoint = _next_multiple(state.images_seen, tcfg.checkpoint_every_images)
+    next_sample = _next_multiple(state.images_seen, tcfg.sample_every_images)
+    while state.images_seen < tcfg.total_images:
+        step_ok = True
+        for _ in range(tcfg.grad_accumulation):
+            times: dict[str, float] = {}
+            start = time.perf_counter()
+            batch = next(batches)
+            times["data"] = time.perf_counter() - start
+            start = time.perf_counter()
+            images = batch["image"].to(device)
+            generator = step_generator(cfg.seed, rank, state.images_seen)
+            extras = _extras(batch, device)
+            with torch.no_grad():
+                conditions = decomposers.decompose(images, captions=batch["caption"], extras=extras, training=True,
+                                                   generator=generator, names=frozen_names)
+            keep = dropout.sample(decomposers.names, images.shape[0], generator)
+            noise = torch.randn(images.shape, generator=generator).to(device)
+            timesteps = torch.randint(0, tcfg.num_train_timesteps, (images.shape[0],), generator=generator).to(device)
+            noisy = noise_scheduler.add_noise(images * 2 - 1, noise, timesteps)
+            times["decompose"] = time.perf_counter() - start
+            start = time.perf_counter()
+
+            def trainable(images=images, extras=extras, generator=generator):
+                return decomposers.decompose(images, extras=extras, training=True, generator=generator,
+                                             names=trainable_names)
+
+            with accelerator.accumulate(module):
+                with accelerator.autocast():
+                    eps = module(noisy, timesteps, conditions, {k: v.to(device) for k, v in keep.items()},
+                                 trainable if trainable_names else None)
+                loss = F.mse_loss(eps.float(), noise)
+                finite = accelerator.gather(torch.isfinite(loss.detach()).reshape(1).float()).min().item() == 1.0
+                if finite:
+                    accelerator.backward(loss)
+                else:
+                    step_ok = False
+                    monitor.write(f"non-finite loss at step {state.step} ({state.images_seen} images): step skipped")
+                if accelerator.sync_gradients:
+                    grad_norm = None
+                    if step_ok and tcfg.grad_clip > 0:
+                        grad_norm = float(accelerator.clip_grad_norm_(module.parameters(), tcfg.grad_clip))
+                        if not math.isfinite(grad_norm):
+                            step_ok = False
+                            monitor.write(f"non-finite gradients at step {state.step}: step skipped")
+                    if step_ok:
+                        optimizer.step()
+                    else:
+                        state.skipped_steps += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    lr_scheduler.step()
+            times["model"] = time.perf_counter() - start
+            last_loss = float(loss.detach())
+            state.images_seen += images.shape[0] * world
+            monitor.record_micro_batch(loss=last_loss, times=times, keep=keep)
+        state.step += 1
+        if step_ok:
+            ema.update(accelerator.unwrap_model(module))
+            state.ema_updates = ema.updates
+        monitor.record_step(grad_norm=None, images_seen=state.images_seen, images_delta=state.images_per_step)
+        if state.step % tcfg.log_every_steps == 0:
+            scalars = monitor.flush(step=state.step, images_seen=state.images_seen, lr=lr_scheduler.get_last_lr()[0],
+                                    skipped_steps=state.skipped_steps, loader_skipped=loader.skipped())
+            if "train/loss" in scalars:
+                losses.append((state.images_seen, scalars["train/loss"]))
+        done = state.images_seen >= tcfg.total_images
+        if done or (next_checkpoint and state.images_seen >= next_checkpoint):
+            save_checkpoint(accelerator, store, state, ema, loader.state_dict())
+            if accelerator.is_main_process:
+                _publish_pipeline(accelerator.unwrap_model(module), ema, decomposers, cfg, noise_scheduler,
+                                  out / "pipeline")
+            next_checkpoint = _next_multiple(state.images_seen, tcfg.checkpoint_every_images)
+        if accelerator.is_main_process and (done or (next_sample and state.images_seen >= next_sample)):
+            _sample_grid(out / "pipeline", held_out, cfg, state.images_seen, monitor, device)
+            next_sample = _next_multiple(state.images_seen, tcfg.sample_every_images)
+    monitor.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and losses:
+        (out / "losses.csv").write_text("images_seen,loss\n" + "".join(f"{i},{v:.6f}\n" for i, v in losses))
+    accelerator.end_training()
+    return {"images_seen": state.images_seen, "step": state.step, "last_loss": last_loss,
+            "skipped_steps": state.skipped_steps, "pipeline": str(out / "pipeline"), "losses": losses,
+            "loader_skipped": loader.skipped()}
+
+
+def _next_multiple(images_seen: int, every: int) -> int:
+    return (images_seen // every + 1) * every if every > 0 else 0
+
+
+def _publish_pipeline(module: TrainingModule, ema: EMA, decomposers: DecomposerSet, cfg: DictConfig,
+                      noise_scheduler: DDPMScheduler, final: Path) -> None:
+    """Write the EMA weights as a pipeline folder, atomically replacing the previous one."""
+    from safetensors.torch import save_file
+
+    averaged = copy.deepcopy(module).cpu()
+    ema.copy_to(averaged)
+    averaged.eval()
+    staging = final.with_name(f"{final.name}.tmp-{int(time.time() * 1000)}")
+    config = OmegaConf.to_container(cfg.decomposers, resolve=True)
+    pipeline = ComposerPipeline(averaged.unet, noise_scheduler, decomposers, config, sampler=cfg.sample.scheduler)
+    pipeline.save_pretrained(staging)
+    for name, decomposer in averaged.decomposers.items():  # trainable decomposers: their EMA weights
+        state = {k: v.detach().contiguous() for k, v in decomposer.state_dict().items()}
+        save_file(state, staging / "decomposers" / name / "model.safetensors")
+    publish_directory(staging, final)
+
+
+def _held_out_batch(cfg: DictConfig, device: torch.device) -> dict[str, Any] | None:
+    """A fixed batch for sample grids: from train.sample_shards, or the training shards with another seed."""
+    data = copy.deepcopy(cfg.data)
+    if cfg.train.sample_shards:
+        data.shards = list(cfg.train.sample_shards)
+    data.batch_size = cfg.train.sample_images
+    data.num_workers = 0
+    data.crop = "center"
+    try:
+        batch = next(iter(make_loader(data, seed=cfg.seed + 1_000_003, epochs=1)))
+    except StopIteration:
+        return None
+    return batch
+
+
+@torch.no_grad()
+def _sample_grid(pipeline_dir: Path, batch: dict[str, Any] | None, cfg: DictConfig, images_seen: int,
+                 monitor: Monitor, device: torch.device) -> Path | None:
+    """EMA samples for the held-out batch under: all conditions, none, and each single condition."""
+    if batch is None or not (pipeline_dir / "model_index.json").is_file():
+        return None
+    pipe = ComposerPipeline.from_pretrained(pipeline_dir, device=device)
+    images = batch["image"].to(device)
+    count = images.shape[0]
+    mask = torch.zeros(count, 1, *images.shape[-2:], device=device)
+    h, w = images.shape[-2:]
+    mask[..., h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 1  # masking: regenerate the centre
+    conditions = pipe.decomposers.decompose(images, captions=batch["caption"], extras=_extras(batch, device),
+                                            training=False, mask=mask)
+    rows = []
+    for label, names in condition_subsets(pipe.decomposers.names):
+        generators = [torch.Generator().manual_seed(1000 + i) for i in range(count)]
+        out = pipe(conditions.subset(names), num_inference_steps=cfg.train.sample_steps,
+                   guidance_scale=cfg.train.sample_guidance, generator=generators, output_type="pt", progress=False)
+        rows.append((label, out.images))
+    grid = compose_grid(images.cpu(), rows)
+    path = save_grid(grid, pipeline_dir.parent / "samples" / f"grid-{images_seen:012d}.png")
+    monitor.add_image("samples/ema", grid, images_seen)
+    monitor.write(f"sample grid -> {path}")
+    return path
