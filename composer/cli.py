@@ -21,7 +21,6 @@ COMMANDS = (
     "decompose",
     "precompute",
     "generate",
-    "edit",
     "train",
     "segment",
     "concepts",

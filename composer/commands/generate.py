@@ -1,0 +1,166 @@
+"""`composer-diffusion generate` and `edit`: compose images from any subset of conditions.
+
+Each condition is taken from any image (its representation is extracted by the pipeline's decomposers) or
+from a ``.npy`` written by `composer-diffusion decompose`; none at all samples unconditionally.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+# flag -> condition name (images or .npy files)
+IMAGE_CONDITIONS = {
+    "image_embedding": "image-embedding", "palette": "palette", "sketch": "sketch", "instances": "instances",
+    "depth": "depth", "intensity": "intensity", "slots": "slots",
+}
+
+
+def _add_condition_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a pipeline folder (output_dir/pipeline of a training run)")
+    parser.add_argument("--caption", default=None, help="caption text")
+    for name, flag in IMAGE_CONDITIONS.items():
+        parser.add_argument(f"--{flag}", dest=name, default=None, metavar="IMG|NPY",
+                            help=f"take {name} from this image (or a .npy representation)")
+    parser.add_argument("--guidance", type=float, default=3.0, help="guidance weight w (default 3)")
+    parser.add_argument("--away-from", default="", help="comma-separated conditions to guide away from (c1)")
+    parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    parser.add_argument("--scheduler", choices=("ddim", "dpm++"), default=None, help="sampler (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-images", type=int, default=1)
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    parser.add_argument("--grid", action="store_true", help="write the outputs beside pictures of the conditions")
+    parser.add_argument("--out", required=True, help="output PNG (several images: name-0.png, name-1.png, ...)")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="compose images from any subset of conditions",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_condition_arguments(parser)
+    parser.add_argument("--mask", default=None, help="mask image (white = region to generate), with --masked-image")
+    parser.add_argument("--masked-image", default=None, help="the image the masking condition is built from")
+    parser.set_defaults(func=run_generate)
+    edit = subparsers.add_parser("edit", help="regenerate a masked region; nothing outside the mask changes",
+                                 description="Region edit: pixels outside --mask are returned unchanged.")
+    _add_condition_arguments(edit)
+    edit.add_argument("--image", required=True, help="the image to edit")
+    edit.add_argument("--mask", required=True, help="mask image: white = region to regenerate")
+    edit.set_defaults(func=run_edit)
+
+
+def _load_condition(pipe, name: str, path: str, size: int):
+    import numpy as np
+    import torch
+
+    from composer.imageio import load_image
+
+    if path.endswith(".npy"):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--{IMAGE_CONDITIONS[name]} {path}: no such file")
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError:
+            raise ValueError(f"{path} is not a readable .npy array; write one with `composer-diffusion decompose`") from None
+        tensor = torch.from_numpy(array).float()[None]
+        spec = pipe.decomposers.specs().get(name) if pipe.decomposers is not None else None
+        if spec is not None:
+            expected = (spec.dim,) if not spec.is_local and not spec.num_tokens else None
+            if spec.is_local and (tensor.ndim != 4 or tensor.shape[1] != spec.dim):
+                raise ValueError(f"{path} has shape {tuple(array.shape)}; {name} needs ({spec.dim}, H, W)")
+            if expected and tuple(tensor.shape[1:]) != expected:
+                raise ValueError(f"{path} has shape {tuple(array.shape)}; {name} needs {expected}")
+        return tensor, None
+    return None, load_image(path, size=max(size, 64 if name not in ("image_embedding",) else 224))
+
+
+def _conditions(pipe, args):
+    from composer.conditions import Conditions
+
+    size = int(pipe.unet.config.sample_size)
+    accepted = pipe.unet.accepted_conditions
+    values, images = {}, {}
+    for name in IMAGE_CONDITIONS:
+        path = getattr(args, name)
+        if path is None:
+            continue
+        if name not in accepted:
+            raise ValueError(f"this model was not trained with {name}; it accepts {', '.join(accepted)}")
+        tensor, image = _load_condition(pipe, name, path, size)
+        if tensor is not None:
+            values[name] = tensor
+        else:
+            images[name] = image
+    if args.caption is not None and "caption" not in accepted:
+        raise ValueError(f"this model was not trained with captions; it accepts {', '.join(accepted)}")
+    captions = [args.caption] if args.caption is not None else None
+    away = [n.strip() for n in args.away_from.split(",") if n.strip()]
+    unknown = [n for n in away if n not in accepted]
+    if unknown:
+        raise ValueError(f"--away-from names unknown condition(s) {', '.join(unknown)}; choose from {', '.join(accepted)}")
+    return Conditions(values), images, captions, away
+
+
+def _run(args, image=None, mask=None, masking_image=None) -> int:
+    import torch
+
+    from composer.imageio import labelled_row, save_image
+    from composer.pipeline import ComposerPipeline
+
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
+    pipe = ComposerPipeline.from_pretrained(args.model)
+    conditions, images, captions, away = _conditions(pipe, args)
+    if masking_image is not None:  # generate: the masking condition without a pixel-exact paste-back
+        size = int(pipe.unet.config.sample_size)
+        small = torch.nn.functional.interpolate(masking_image, size=(size, size), mode="area")
+        small_mask = (torch.nn.functional.interpolate(mask, size=(size, size), mode="nearest") > 0.5).float()
+        conditions.values["masking"] = torch.cat([small * (1 - small_mask), small_mask], dim=1)
+        conditions = type(conditions)(conditions.values)
+        mask = None
+    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
+    result = pipe(conditions, images=images or None, captions=captions, image=image, mask=mask,
+                  num_inference_steps=args.steps, guidance_scale=args.guidance, away_from=away, generator=generators,
+                  num_images_per_prompt=args.num_images, output_type="pt", precision=args.precision,
+                  sampler=args.scheduler).images
+    out = Path(args.out)
+    paths = []
+    if args.num_images == 1:
+        paths.append(save_image(result[0], out))
+    else:
+        for i in range(args.num_images):
+            paths.append(save_image(result[i], out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")))
+    if args.grid:
+        tiles = []
+        for name, picture in images.items():
+            rep = pipe.decomposers.decompose(picture, names=[name])[name]
+            tiles.append((name, pipe.decomposers.visualize(name, rep)))
+        tiles += [(f"output {i}", result[i : i + 1]) for i in range(len(result))]
+        grid_path = out.with_name(f"{out.stem}-grid.png")
+        labelled_row(tiles, tile=128).save(grid_path)
+        paths.append(grid_path)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from composer.imageio import load_image
+
+    if (args.mask is None) != (args.masked_image is None):
+        raise ValueError("--mask and --masked-image go together (white mask pixels = region to generate)")
+    if args.mask is None:
+        return _run(args)
+    image = load_image(args.masked_image)
+    mask = load_image(args.mask, size=None)[:, :1]
+    if mask.shape[-2:] != image.shape[-2:]:
+        raise ValueError(f"--mask is {tuple(mask.shape[-2:])} pixels but --masked-image is {tuple(image.shape[-2:])}")
+    return _run(args, mask=mask, masking_image=image)
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    from composer.imageio import load_image
+
+    image = load_image(args.image)
+    mask = load_image(args.mask)[:, :1]
+    if mask.shape[-2:] != image.shape[-2:]:
+        raise ValueError(f"--mask is {tuple(mask.shape[-2:])} pixels but --image is {tuple(image.shape[-2:])}")
+    return _run(args, image=image, mask=mask)
