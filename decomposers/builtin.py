@@ -8,3 +8,4 @@ import decomposers.intensity  # noqa: F401
 import decomposers.masking  # noqa: F401
 import decomposers.palette  # noqa: F401
 import decomposers.sketch  # noqa: F401
+import decomposers.slots  # noqa: F401

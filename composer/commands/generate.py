@@ -22,6 +22,9 @@ def _add_condition_arguments(parser: argparse.ArgumentParser) -> None:
     for name, flag in IMAGE_CONDITIONS.items():
         parser.add_argument(f"--{flag}", dest=name, default=None, metavar="IMG|NPY",
                             help=f"take {name} from this image (or a .npy representation)")
+    parser.add_argument("--drop-slots", default=None, metavar="I,J", help="with --slots: drop these slot indices")
+    parser.add_argument("--swap-slots", default=None, metavar="IMG2:I=J",
+                        help="with --slots: slot i takes slot j of IMG2 (IMG2:i or IMG2:i=j[,k=l])")
     parser.add_argument("--guidance", type=float, default=3.0, help="guidance weight w (default 3)")
     parser.add_argument("--away-from", default="", help="comma-separated conditions to guide away from (c1)")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
@@ -85,11 +88,18 @@ def _conditions(pipe, args):
             continue
         if name not in accepted:
             raise ValueError(f"this model was not trained with {name}; it accepts {', '.join(accepted)}")
+        if name == "slots":
+            from composer.slot_editing import slots_from_arguments
+
+            values["slots"] = slots_from_arguments(pipe, path, args.drop_slots, args.swap_slots)
+            continue
         tensor, image = _load_condition(pipe, name, path, size)
         if tensor is not None:
             values[name] = tensor
         else:
             images[name] = image
+    if (args.drop_slots or args.swap_slots) and args.slots is None:
+        raise ValueError("--drop-slots and --swap-slots edit the slots of --slots IMG; give --slots too")
     if args.caption is not None and "caption" not in accepted:
         raise ValueError(f"this model was not trained with captions; it accepts {', '.join(accepted)}")
     captions = [args.caption] if args.caption is not None else None
