@@ -30,7 +30,7 @@ class DropoutConfig:
 class SampleConfig:
     """Defaults for sampling."""
 
-    scheduler: str = "ddim"  # "ddim" (default: clips x0, robust) or "dpm++"
+    scheduler: str = "ancestral"  # "ancestral" (DDIM steps with eta 1; default), "ddim" (eta 0), "ddpm" or "dpm++"
     steps: int = 25
     guidance_scale: float = 3.0
     precision: str = "auto"  # "auto" (bf16 where supported), "bf16" or "fp32"

@@ -28,7 +28,7 @@ def _add_condition_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=3.0, help="guidance weight w (default 3)")
     parser.add_argument("--away-from", default="", help="comma-separated conditions to guide away from (c1)")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
-    parser.add_argument("--scheduler", choices=("ddim", "dpm++"), default=None, help="sampler (default: the model's)")
+    parser.add_argument("--scheduler", choices=("ancestral", "ddim", "ddpm", "dpm++"), default=None, help="sampler (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=1)
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")

@@ -24,6 +24,9 @@ class TrainConfig:
     ema_warmup: bool = True  # effective decay min(ema_decay, (1 + n) / (10 + n)) after n updates
     num_train_timesteps: int = 1000  # DDPM noise levels
     beta_schedule: str = "squaredcos_cap_v2"  # DDPM beta schedule ("linear", "scaled_linear", "squaredcos_cap_v2")
+    # Noise levels drawn in training, as fractions [lo, hi) of num_train_timesteps. SlotDiffusion's ablation:
+    # fewer/lower noise levels sharpen slot segmentation and hurt generation; [0, 1] trains every level.
+    timestep_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     checkpoint_every_images: int = 20_000  # 0: only at the end
     keep_checkpoints: int = 3  # complete checkpoints kept in output_dir/checkpoints
     log_every_steps: int = 20  # TensorBoard scalars every this many optimizer steps
@@ -34,4 +37,5 @@ class TrainConfig:
     sample_shards: list[str] | None = None  # held-out shards for the grid (default: data.shards, another seed)
     tensorboard: bool = True
     progress: bool = True  # tqdm progress bar on the main process
+    init_from: str | None = None  # warm start: weights of a checkpoint or pipeline folder (new tensors stay fresh)
     resume: str | None = None  # a checkpoint folder, or "auto" for the latest in output_dir

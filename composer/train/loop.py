@@ -66,6 +66,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     unet = build_model(cfg.model, decomposers.specs())
     module = TrainingModule(unet, {n: decomposers.decomposers[n] for n in trainable_names})
     module.train()
+    init_report = None
+    if tcfg.init_from and not tcfg.resume:
+        init_report = load_initial_weights(module, tcfg.init_from)
     optimizer = torch.optim.AdamW(module.parameters(), lr=tcfg.lr, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps,
                                   weight_decay=tcfg.weight_decay)
     batch_size = int(cfg.data.batch_size)
@@ -94,9 +97,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                       progress=tcfg.progress, total_images=tcfg.total_images, initial_images=state.images_seen)
     if resume is not None:
         monitor.write(f"resumed from {resume} at {state.images_seen} images (step {state.step})")
+    elif init_report is not None:
+        monitor.write(init_report)
     held_out = _held_out_batch(cfg, device) if accelerator.is_main_process else None
+    loss_log = out / "losses.csv"
+    if accelerator.is_main_process:
+        trim_loss_log(loss_log, state.images_seen)
 
     # 3. Train
+    t_low, t_high = timestep_bounds(tcfg.timestep_range, tcfg.num_train_timesteps)
     batches = iter(loader)
     last_loss = float("nan")
     losses: list[tuple[int, float]] = []
@@ -118,7 +127,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                                    generator=generator, names=frozen_names)
             keep = dropout.sample(decomposers.names, images.shape[0], generator)
             noise = torch.randn(images.shape, generator=generator).to(device)
-            timesteps = torch.randint(0, tcfg.num_train_timesteps, (images.shape[0],), generator=generator).to(device)
+            timesteps = torch.randint(t_low, t_high, (images.shape[0],), generator=generator).to(device)
             noisy = noise_scheduler.add_noise(images * 2 - 1, noise, timesteps)
             times["decompose"] = time.perf_counter() - start
             start = time.perf_counter()
@@ -165,6 +174,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                     skipped_steps=state.skipped_steps, loader_skipped=loader.skipped())
             if "train/loss" in scalars:
                 losses.append((state.images_seen, scalars["train/loss"]))
+                if accelerator.is_main_process:  # appended as it goes, so a killed run keeps its curve
+                    with open(loss_log, "a") as handle:
+                        handle.write(f"{state.images_seen},{scalars['train/loss']:.6f}\n")
         done = state.images_seen >= tcfg.total_images
         if done or (next_checkpoint and state.images_seen >= next_checkpoint):
             save_checkpoint(accelerator, store, state, ema, loader.state_dict())
@@ -177,12 +189,67 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             next_sample = _next_multiple(state.images_seen, tcfg.sample_every_images)
     monitor.close()
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process and losses:
-        (out / "losses.csv").write_text("images_seen,loss\n" + "".join(f"{i},{v:.6f}\n" for i, v in losses))
     accelerator.end_training()
     return {"images_seen": state.images_seen, "step": state.step, "last_loss": last_loss,
             "skipped_steps": state.skipped_steps, "pipeline": str(out / "pipeline"), "losses": losses,
             "loader_skipped": loader.skipped()}
+
+
+def trim_loss_log(path: Path, images_seen: int) -> None:
+    """Start ``losses.csv`` (images_seen,loss) for a run at ``images_seen``: rows logged after that point by
+    an interrupted run are dropped (the resumed run logs them again); a fresh run starts an empty log."""
+    rows = []
+    if images_seen > 0 and path.is_file():
+        for line in path.read_text().splitlines()[1:]:
+            try:
+                if int(line.split(",", 1)[0]) <= images_seen:
+                    rows.append(line + "\n")
+            except ValueError:  # a line cut by a crash
+                continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("images_seen,loss\n" + "".join(rows))
+    tmp.replace(path)
+
+
+def load_initial_weights(module: TrainingModule, source: str | Path) -> str:
+    """Warm start (train.init_from): copy matching tensors from a checkpoint folder (its EMA weights when
+    present) or a pipeline folder into ``module``; tensors the source lacks keep their fresh initialisation.
+    Returns a one-line report. Raises ValueError for a missing source or a tensor whose shape differs."""
+    from safetensors.torch import load_file
+
+    source = Path(source)
+    state: dict[str, torch.Tensor] = {}
+    if (source / "ema.safetensors").is_file() or (source / "model.safetensors").is_file():
+        state = load_file(source / ("ema.safetensors" if (source / "ema.safetensors").is_file() else "model.safetensors"))
+    elif (source / "unet" / "diffusion_pytorch_model.safetensors").is_file():
+        state = {f"unet.{k}": v for k, v in load_file(source / "unet" / "diffusion_pytorch_model.safetensors").items()}
+        for path in sorted((source / "decomposers").glob("*/model.safetensors")):
+            state.update({f"decomposers.{path.parent.name}.{k}": v for k, v in load_file(path).items()})
+    else:
+        raise ValueError(f"train.init_from={source}: not a checkpoint folder (model.safetensors) or a pipeline "
+                         "folder (unet/diffusion_pytorch_model.safetensors); pass e.g. runs/tiny/checkpoints/<name>")
+    own = module.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        k = mismatched[0]
+        raise ValueError(f"train.init_from={source}: {k} has shape {tuple(state[k].shape)} there but "
+                         f"{tuple(own[k].shape)} in this model; use a source built with the same model preset")
+    matched = {k: v for k, v in state.items() if k in own}
+    if not matched:
+        raise ValueError(f"train.init_from={source}: no tensor matches this model (different conditions or preset?)")
+    module.load_state_dict(matched, strict=False)
+    fresh = len([k for k in own if k not in matched])
+    ignored = len([k for k in state if k not in own])
+    return f"initialised from {source}: {len(matched)} tensors loaded, {fresh} new (fresh), {ignored} ignored"
+
+
+def timestep_bounds(fractions, num_train_timesteps: int) -> tuple[int, int]:
+    """[low, high) integer noise levels from train.timestep_range fractions, checked."""
+    if len(fractions) != 2 or not 0.0 <= float(fractions[0]) < float(fractions[1]) <= 1.0:
+        raise ValueError(f"train.timestep_range must be two fractions 0 <= lo < hi <= 1, got {list(fractions)}")
+    low = int(round(float(fractions[0]) * num_train_timesteps))
+    high = max(low + 1, int(round(float(fractions[1]) * num_train_timesteps)))
+    return low, high
 
 
 def _next_multiple(images_seen: int, every: int) -> int:
