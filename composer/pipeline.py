@@ -35,13 +35,14 @@ from composer.guidance import composed_eps, guided_eps
 from composer.precision import autocast
 from composer.unet import ComposerUNet
 
-SCHEDULERS = {"ancestral": DDIMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler,
+SCHEDULERS = {"ancestral": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler,
               "ddpm": DDPMScheduler}
-# DDIM's eta per sampler name: "ancestral" is DDIM's schedule with fresh noise at every step (eta = 1, the
-# DDPM posterior on a subsequence of steps). Measured on the 30k-image tiny model: deterministic DDIM (eta 0)
-# leaves visible grain that grows with the number of steps (20 -> 100), eta 1 gives clean samples at 25-50
-# steps, as does DDPM at 100-1000 steps.
-SAMPLER_ETA = {"ancestral": 1.0, "ddim": 0.0}
+# "ancestral": DDPM's posterior steps on a subsequence of the training steps ("trailing", so it starts at
+# t = 999), with fresh noise at every step: the same update as DDIM with eta = 1. Measured on the 30k-image
+# tiny model: deterministic DDIM (eta 0) leaves visible grain that grows with the number of steps (20 -> 100);
+# ancestral steps give clean samples at 25-50 steps. (diffusers' DDIM with eta = 1 takes the square root of
+# 1 - alpha_prev - sigma^2, which rounds below zero for a single step from t = 999 and gives NaN.)
+SAMPLER_ETA = {"ddim": 0.0}
 STOCHASTIC = ("ancestral", "ddpm")
 FILE_OPTIONS = ("pretrained", "model_config_file", "weights")
 
@@ -65,8 +66,10 @@ def make_scheduler(name: str, config: Mapping[str, Any] | None = None):
     kwargs: dict[str, Any] = {"timestep_spacing": "trailing", "steps_offset": 0}
     if name == "dpm++":
         kwargs.update(algorithm_type="dpmsolver++", timestep_spacing="leading", steps_offset=1)
-    if name in ("ddim", "ancestral"):
+    if name == "ddim":
         kwargs["set_alpha_to_one"] = False
+    if name == "ancestral":
+        kwargs["variance_type"] = "fixed_small"
     return SCHEDULERS[name].from_config(config, **kwargs)
 
 

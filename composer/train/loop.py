@@ -36,7 +36,7 @@ from composer.train.monitor import Monitor
 from composer.train.samples import compose_grid, condition_subsets, save_grid
 from composer.train.schedule import make_lr_scheduler
 from composer.train.seeding import step_generator
-from composer.train.state import TrainingState, load_checkpoint, save_checkpoint
+from composer.train.state import TrainingState, load_checkpoint, save_checkpoint, write_json_atomic
 from composer.unet import build_model
 from decomposers.set import DecomposerSet
 
@@ -189,10 +189,34 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             next_sample = _next_multiple(state.images_seen, tcfg.sample_every_images)
     monitor.close()
     accelerator.wait_for_everyone()
+    digest = parameter_digest(accelerator.unwrap_model(module))
+    digests = [digest]
+    if world > 1:  # every replica must end with the same weights; say so if they do not
+        from accelerate.utils import gather_object
+
+        digests = gather_object([digest])
+        if len(set(digests)) > 1:
+            monitor.write(f"WARNING: the {world} replicas ended with different weights (digests {digests})")
+    if accelerator.is_main_process:
+        write_json_atomic(out / "run_summary.json", {
+            "images_seen": state.images_seen, "step": state.step, "skipped_steps": state.skipped_steps,
+            "last_loss": last_loss, "world_size": world, "replica_digests": digests,
+            "loader_skipped": loader.skipped()})
     accelerator.end_training()
-    return {"images_seen": state.images_seen, "step": state.step, "last_loss": last_loss,
+    return {"images_seen": state.images_seen, "parameter_digest": digest, "replica_digests": digests, "step": state.step, "last_loss": last_loss,
             "skipped_steps": state.skipped_steps, "pipeline": str(out / "pipeline"), "losses": losses,
             "loader_skipped": loader.skipped()}
+
+
+def parameter_digest(module: torch.nn.Module) -> str:
+    """sha256 of every parameter's bytes: equal on every rank when the replicas are identical."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def trim_loss_log(path: Path, images_seen: int) -> None:

@@ -1,0 +1,152 @@
+"""Training throughput of a preset on this machine, split into data loading, decomposition and the model step.
+
+    python bench/train.py [--config configs/train/tiny.yaml] [--steps 20] [--threads 2] [--set key=value ...]
+
+Each stage is timed on its own over the same batches (the loader streaming and decoding shards; the frozen
+decomposers batched under no_grad, plus the noise draw; forward + backward + clip + AdamW under the run's
+precision), then the whole training step as the training loop runs it. The table gives ms per batch, the
+images/s each stage alone would allow and its share of the step, so the slowest part is visible.
+Needs the preset's shards (for tiny: composer-diffusion scenes --num 20000 --size 64 --out data/scenes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from diffusers import DDPMScheduler  # noqa: E402
+
+from composer.config import load_config  # noqa: E402
+from composer.data.loader import make_loader  # noqa: E402
+from composer.dropout import DropoutPolicy  # noqa: E402
+from composer.train.accelerator import make_accelerator  # noqa: E402
+from composer.train.loop import _extras  # noqa: E402
+from composer.train.module import TrainingModule  # noqa: E402
+from composer.train.seeding import step_generator  # noqa: E402
+from composer.unet import build_model, count_parameters  # noqa: E402
+from decomposers.set import DecomposerSet  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/train/tiny.yaml")
+    parser.add_argument("--steps", type=int, default=20, help="timed batches per stage (after 2 warm-up ones)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config([args.config], args.set)
+    tcfg = cfg.train
+    accelerator = make_accelerator(device=tcfg.device, mixed_precision=tcfg.mixed_precision)
+    device = accelerator.device
+    decomposers = DecomposerSet.from_config(cfg.decomposers).to(device)
+    trainable = [n for n, d in decomposers.decomposers.items() if getattr(d, "trainable", False)]
+    frozen = [n for n in decomposers.names if n not in trainable]
+    unet = build_model(cfg.model, decomposers.specs())
+    module = TrainingModule(unet, {n: decomposers.decomposers[n] for n in trainable}).to(device).train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=tcfg.lr)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=tcfg.num_train_timesteps, beta_schedule=tcfg.beta_schedule)
+    dropout = DropoutPolicy(cfg.dropout)
+    count = args.steps + 2
+    batch_size = int(cfg.data.batch_size)
+
+    # 1. data: the loader alone (its workers, decoding, cropping, batching)
+    loader = iter(make_loader(cfg.data, seed=cfg.seed, rank=0, world_size=1))
+    batches, data_times = [], []
+    for _ in range(count):
+        start = time.perf_counter()
+        batches.append(next(loader))
+        data_times.append(time.perf_counter() - start)
+
+    # 2. decomposition of those batches (frozen decomposers, no_grad) + dropout masks + noising
+    prepared, decompose_times = [], []
+    for index, batch in enumerate(batches):
+        start = time.perf_counter()
+        images = batch["image"].to(device)
+        generator = step_generator(cfg.seed, 0, index * batch_size)
+        extras = _extras(batch, device)
+        with torch.no_grad():
+            conditions = decomposers.decompose(images, captions=batch["caption"], extras=extras, training=True,
+                                               generator=generator, names=frozen)
+        keep = dropout.sample(decomposers.names, images.shape[0], generator)
+        noise = torch.randn(images.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, tcfg.num_train_timesteps, (images.shape[0],), generator=generator).to(device)
+        noisy = noise_scheduler.add_noise(images * 2 - 1, noise, timesteps)
+        decompose_times.append(time.perf_counter() - start)
+        prepared.append((images, extras, generator, conditions, keep, noise, timesteps, noisy))
+
+    # 3. the model step (forward with trainable decomposers, backward, clip, AdamW)
+    model_times = []
+    for images, extras, generator, conditions, keep, noise, timesteps, noisy in prepared:
+        start = time.perf_counter()
+
+        def run_trainable(images=images, extras=extras, generator=generator):
+            return decomposers.decompose(images, extras=extras, training=True, generator=generator, names=trainable)
+
+        with accelerator.autocast():
+            eps = module(noisy, timesteps, conditions, keep, run_trainable if trainable else None)
+        loss = F.mse_loss(eps.float(), noise)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model_times.append(time.perf_counter() - start)
+
+    # 4. the whole step, as the loop runs it (fresh batches from the same loader)
+    step_times = []
+    for index in range(count):
+        start = time.perf_counter()
+        batch = next(loader)
+        images = batch["image"].to(device)
+        generator = step_generator(cfg.seed, 0, (count + index) * batch_size)
+        extras = _extras(batch, device)
+        with torch.no_grad():
+            conditions = decomposers.decompose(images, captions=batch["caption"], extras=extras, training=True,
+                                               generator=generator, names=frozen)
+        keep = dropout.sample(decomposers.names, images.shape[0], generator)
+        noise = torch.randn(images.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, tcfg.num_train_timesteps, (images.shape[0],), generator=generator).to(device)
+        noisy = noise_scheduler.add_noise(images * 2 - 1, noise, timesteps)
+        with accelerator.autocast():
+            eps = module(noisy, timesteps, conditions, keep,
+                         (lambda: decomposers.decompose(images, extras=extras, training=True, generator=generator,
+                                                        names=trainable)) if trainable else None)
+        loss = F.mse_loss(eps.float(), noise)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_times.append(time.perf_counter() - start)
+
+    def median_ms(values):
+        return statistics.median(values[2:]) * 1000
+
+    rows = [("data loading", median_ms(data_times)), ("decomposition (frozen, no_grad) + noising",
+                                                      median_ms(decompose_times)),
+            ("model step (fwd + bwd + AdamW)", median_ms(model_times))]
+    total = median_ms(step_times)
+    print(f"preset {args.config}: {count_parameters(unet) / 1e6:.1f} M params, batch {batch_size}, "
+          f"precision {accelerator.mixed_precision}, {torch.get_num_threads()} threads, "
+          f"loader workers {cfg.data.num_workers}, decomposers {', '.join(decomposers.names)}"
+          f"{' (trainable: ' + ', '.join(trainable) + ')' if trainable else ''}")
+    print(f"| stage | ms / batch | images/s alone | share of the sum |")
+    print("|---|---|---|---|")
+    summed = sum(ms for _, ms in rows)
+    for name, ms in rows:
+        print(f"| {name} | {ms:.1f} | {batch_size * 1000 / ms:.1f} | {100 * ms / summed:.0f} % |")
+    print(f"| **full step** (median of {args.steps}) | {total:.1f} | **{batch_size * 1000 / total:.1f}** | |")
+    slowest = max(rows, key=lambda r: r[1])[0]
+    print(f"slowest stage: {slowest}")
+
+
+if __name__ == "__main__":
+    main()

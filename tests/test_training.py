@@ -1,0 +1,162 @@
+"""The training loop end to end on tiny shards: steps, generate, exact resume, SIGKILL, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from composer.cli import main
+from composer.config import load_config
+from composer.data.shards import write_scene_shards
+from composer.train.checkpoint import STATE_FILE
+from composer.train.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_UNET = dict(block_out_channels=[16, 32], attention_heads=[1, 2], layers_per_block=1,
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], context_dim=16, local_embed_channels=4,
+                 sample_size=32)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-scenes")
+    write_scene_shards(root, 48, 64, seed=3, shard_size=12, progress=False)
+    return str(root / "scenes-*.tar")
+
+
+def make_config(shards: str, out: Path, **train):
+    cfg = load_config([], [])
+    cfg.output_dir = str(out)
+    cfg.data.shards = [shards]
+    cfg.data.resolution = 32
+    cfg.data.batch_size = 4
+    cfg.data.num_workers = 0
+    cfg.data.shuffle_buffer = 16
+    cfg.decomposers.enabled = ["palette", "sketch", "intensity", "masking"]
+    cfg.model.overrides = dict(TINY_UNET)
+    settings = dict(lr=1e-3, warmup_images=8, lr_schedule="cosine", total_images=8, checkpoint_every_images=0,
+                    keep_checkpoints=2, sample_every_images=0, sample_images=2, sample_steps=1, log_every_steps=1,
+                    progress=False, tensorboard=False, mixed_precision="no")
+    settings.update(train)
+    for key, value in settings.items():
+        cfg.train[key] = value
+    return cfg
+
+
+def checkpoints(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "checkpoints").glob("checkpoint-*") if (p / STATE_FILE).is_file())
+
+
+def test_two_steps_write_a_checkpoint_and_a_pipeline_generate_loads(shards, tmp_path):
+    out = tmp_path / "run"
+    summary = train(make_config(shards, out, tensorboard=True))
+    assert summary["step"] == 2 and summary["images_seen"] == 8 and summary["skipped_steps"] == 0
+    [checkpoint] = checkpoints(out)
+    assert checkpoint.name == "checkpoint-000000000008"
+    assert json.loads((checkpoint / STATE_FILE).read_text())["step"] == 2
+    assert {"model.safetensors", "ema.safetensors", "optimizer.bin", "data_state_0.json"} <= {
+        p.name for p in checkpoint.iterdir()}
+    rows = (out / "losses.csv").read_text().splitlines()
+    assert rows[0] == "images_seen,loss" and [r.split(",")[0] for r in rows[1:]] == ["4", "8"]
+    assert list((out / "samples").glob("grid-*.png")) and list((out / "tensorboard").iterdir())
+    assert OmegaConf.load(out / "config.yaml").train.total_images == 8
+    image = tmp_path / "gen.png"
+    code = main(["generate", "--model", str(out / "pipeline"), "--steps", "2", "--out", str(image)])
+    assert code == 0 and image.is_file()
+
+
+def test_resume_repeats_the_uninterrupted_run(shards, tmp_path):
+    """Resuming from a mid-run checkpoint gives the same weights, LR, data order and losses as never stopping."""
+    straight = tmp_path / "straight"
+    cfg = make_config(shards, straight, total_images=32, checkpoint_every_images=16)
+    full = train(cfg)
+    assert [p.name for p in checkpoints(straight)] == ["checkpoint-000000000016", "checkpoint-000000000032"]
+
+    resumed = tmp_path / "resumed"  # the same run, "interrupted" after its checkpoint at 16 images
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "checkpoint-000000000032")
+    shutil.rmtree(resumed / "pipeline")
+    cfg = make_config(shards, resumed, total_images=32, checkpoint_every_images=16, resume="auto")
+    again = train(cfg)
+    assert again["step"] == full["step"] == 8 and again["images_seen"] == 32
+    assert again["losses"] == full["losses"][len(full["losses"]) - len(again["losses"]):]
+    assert len(again["losses"]) == 4  # steps 5..8 only: the first four were not repeated
+    last = "checkpoints/checkpoint-000000000032"
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(straight / last / name), load_file(resumed / last / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{name}:{key} differs")
+    assert (json.loads((straight / last / "data_state_0.json").read_text())
+            == json.loads((resumed / last / "data_state_0.json").read_text()))
+    assert torch.load(straight / last / "scheduler.bin", weights_only=True) == torch.load(
+        resumed / last / "scheduler.bin", weights_only=True)
+    assert (straight / "losses.csv").read_text() == (resumed / "losses.csv").read_text()
+
+
+def test_a_run_killed_with_sigkill_resumes_cleanly(shards, tmp_path):
+    out = tmp_path / "killed"
+    cfg = make_config(shards, out, total_images=4000, checkpoint_every_images=8, warmup_images=0)
+    config_file = tmp_path / "killed.yaml"
+    OmegaConf.save(cfg, config_file)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    process = subprocess.Popen([sys.executable, "-m", "composer", "train", "--config", str(config_file)], cwd=ROOT,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while len(checkpoints(out)) < 2 and time.time() < deadline and process.poll() is None:
+            time.sleep(0.1)
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert len(checkpoints(out)) >= 2, "no checkpoint written within 240 s"
+        time.sleep(0.37)  # somewhere inside a step or a checkpoint write
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    last = checkpoints(out)[-1]
+    saved = json.loads((last / STATE_FILE).read_text())
+    cfg = make_config(shards, out, total_images=saved["images_seen"] + 8, checkpoint_every_images=8,
+                      warmup_images=0, resume="auto")
+    summary = train(cfg)
+    assert summary["images_seen"] == saved["images_seen"] + 8 and summary["step"] == saved["step"] + 2
+    leftovers = [p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("checkpoint-")]
+    assert not leftovers, f"temporary folders left behind: {leftovers}"
+    assert all((p / STATE_FILE).is_file() for p in (out / "checkpoints").iterdir())
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+    assert main(["generate", "--model", str(out / "pipeline"), "--steps", "1", "--out", str(tmp_path / "k.png")]) == 0
+
+
+def test_accelerate_launch_with_two_cpu_processes_trains_identical_replicas(shards, tmp_path):
+    """The documented command: two real gloo processes, each on its share of the shards."""
+    out = tmp_path / "ddp"
+    cfg = make_config(shards, out, total_images=24)
+    config_file = tmp_path / "ddp.yaml"
+    OmegaConf.save(cfg, config_file)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               "29517", "-m", "composer", "train", "--config", str(config_file)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["images_seen"] == 24 and summary["step"] == 3
+    assert len(summary["replica_digests"]) == 2 and len(set(summary["replica_digests"])) == 1
+    saved = json.loads((checkpoints(out)[-1] / STATE_FILE).read_text())
+    assert saved["world_size"] == 2
+    positions = [json.loads((checkpoints(out)[-1] / f"data_state_{r}.json").read_text()) for r in (0, 1)]
+    assert [p["world_size"] for p in positions] == [2, 2]  # each process kept its own position in its shards
+    assert [p["positions"] for p in positions] == [{"0": 12}, {"0": 12}]
