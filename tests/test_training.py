@@ -160,3 +160,14 @@ def test_accelerate_launch_with_two_cpu_processes_trains_identical_replicas(shar
     positions = [json.loads((checkpoints(out)[-1] / f"data_state_{r}.json").read_text()) for r in (0, 1)]
     assert [p["world_size"] for p in positions] == [2, 2]  # each process kept its own position in its shards
     assert [p["positions"] for p in positions] == [{"0": 12}, {"0": 12}]
+
+
+@pytest.mark.parametrize("preset", ["train/tiny", "train/slots", "train/paper"])
+def test_training_presets_fit_the_schema(preset):
+    cfg = load_config([preset], [])
+    assert cfg.data.resolution == 64 and cfg.train.total_images > 0
+    assert cfg.sample.scheduler in ("ancestral", "ddim", "ddpm", "dpm++")
+    if preset == "train/slots":
+        assert cfg.decomposers.enabled == ["slots"]
+    else:
+        assert len(cfg.decomposers.enabled) == 8
