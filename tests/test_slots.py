@@ -306,3 +306,23 @@ def test_generate_style_slot_arguments(slots_pipeline, tmp_path):
     out = pipe(Conditions({"slots": edited}), num_inference_steps=2, output_type="pt", progress=False, precision="fp32",
                generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 3, 16, 16)
+
+
+def test_generate_cli_drops_and_swaps_slots(slots_pipeline, tmp_path, capsys):
+    """--drop-slots removes slots (a different image than keeping them), --swap-slots transplants one."""
+    from skimage import data
+
+    _, folder = slots_pipeline
+    Image.fromarray(data.chelsea()).save(tmp_path / "cat.png")
+    Image.fromarray(data.astronaut()).save(tmp_path / "astronaut.png")
+    common = ["generate", "--model", str(folder), "--slots", str(tmp_path / "cat.png"), "--steps", "2",
+              "--seed", "3"]
+    outputs = {}
+    for name, extra in {"plain": [], "drop": ["--drop-slots", "0,2"],
+                        "swap": ["--swap-slots", f"{tmp_path / 'astronaut.png'}:1=3"]}.items():
+        assert main(common + extra + ["--out", str(tmp_path / f"{name}.png")]) == 0
+        outputs[name] = np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int)
+    assert np.abs(outputs["plain"] - outputs["drop"]).max() > 0
+    assert np.abs(outputs["plain"] - outputs["swap"]).max() > 0
+    assert main(common + ["--drop-slots", "9", "--out", str(tmp_path / "bad.png")]) == 2
+    assert "slot" in capsys.readouterr().err.lower()
