@@ -21,13 +21,12 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from diffusers import DDPMScheduler  # noqa: E402
 
 from composer.config import load_config  # noqa: E402
 from composer.data.loader import make_loader  # noqa: E402
 from composer.dropout import DropoutPolicy  # noqa: E402
 from composer.train.accelerator import make_accelerator  # noqa: E402
-from composer.train.loop import _extras  # noqa: E402
+from composer.train.loop import _extras, make_noise_scheduler  # noqa: E402
 from composer.train.module import TrainingModule  # noqa: E402
 from composer.train.seeding import step_generator  # noqa: E402
 from composer.unet import build_model, count_parameters  # noqa: E402
@@ -54,7 +53,7 @@ def main() -> None:
     module = TrainingModule(unet, {n: decomposers.decomposers[n] for n in trainable}).to(device).train()
     optimizer = torch.optim.AdamW(module.parameters(), lr=tcfg.lr)
     module, optimizer = accelerator.prepare(module, optimizer)
-    noise_scheduler = DDPMScheduler(num_train_timesteps=tcfg.num_train_timesteps, beta_schedule=tcfg.beta_schedule)
+    noise_scheduler = make_noise_scheduler(tcfg)
     dropout = DropoutPolicy(cfg.dropout)
     count = args.steps + 2
     batch_size = int(cfg.data.batch_size)
@@ -94,7 +93,8 @@ def main() -> None:
 
         with accelerator.autocast():
             eps = module(noisy, timesteps, conditions, keep, run_trainable if trainable else None)
-        loss = F.mse_loss(eps.float(), noise)
+        loss = F.mse_loss(eps.float(), noise if tcfg.prediction_type == "epsilon" else
+                          noise_scheduler.get_velocity(images * 2 - 1, noise, timesteps).float())
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(module.parameters(), 1.0)
         optimizer.step()
@@ -120,7 +120,8 @@ def main() -> None:
             eps = module(noisy, timesteps, conditions, keep,
                          (lambda: decomposers.decompose(images, extras=extras, training=True, generator=generator,
                                                         names=trainable)) if trainable else None)
-        loss = F.mse_loss(eps.float(), noise)
+        loss = F.mse_loss(eps.float(), noise if tcfg.prediction_type == "epsilon" else
+                          noise_scheduler.get_velocity(images * 2 - 1, noise, timesteps).float())
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(module.parameters(), 1.0)
         optimizer.step()

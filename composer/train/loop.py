@@ -79,7 +79,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                      schedule=tcfg.lr_schedule, min_factor=tcfg.min_lr_ratio)
     module, optimizer, lr_scheduler = accelerator.prepare(module, optimizer, lr_scheduler)
     ema = EMA(accelerator.unwrap_model(module), decay=tcfg.ema_decay, warmup=tcfg.ema_warmup)
-    noise_scheduler = DDPMScheduler(num_train_timesteps=tcfg.num_train_timesteps, beta_schedule=tcfg.beta_schedule)
+    noise_scheduler = make_noise_scheduler(tcfg)
     dropout = DropoutPolicy(cfg.dropout)
 
     # 2. Resume
@@ -140,7 +140,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 with accelerator.autocast():
                     eps = module(noisy, timesteps, conditions, {k: v.to(device) for k, v in keep.items()},
                                  trainable if trainable_names else None)
-                loss = F.mse_loss(eps.float(), noise)
+                target = noise if tcfg.prediction_type == "epsilon" else noise_scheduler.get_velocity(
+                    images * 2 - 1, noise, timesteps)
+                loss = F.mse_loss(eps.float(), target.float())
                 finite = accelerator.gather(torch.isfinite(loss.detach()).reshape(1).float()).min().item() == 1.0
                 if finite:
                     accelerator.backward(loss)
@@ -265,6 +267,14 @@ def load_initial_weights(module: TrainingModule, source: str | Path) -> str:
     fresh = len([k for k in own if k not in matched])
     ignored = len([k for k in state if k not in own])
     return f"initialised from {source}: {len(matched)} tensors loaded, {fresh} new (fresh), {ignored} ignored"
+
+
+def make_noise_scheduler(tcfg: DictConfig) -> DDPMScheduler:
+    """The training noise schedule; saved with the pipeline, so samplers inherit its prediction type."""
+    if tcfg.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"train.prediction_type must be 'epsilon' or 'v_prediction', got {tcfg.prediction_type!r}")
+    return DDPMScheduler(num_train_timesteps=tcfg.num_train_timesteps, beta_schedule=tcfg.beta_schedule,
+                         prediction_type=tcfg.prediction_type)
 
 
 def timestep_bounds(fractions, num_train_timesteps: int) -> tuple[int, int]:
