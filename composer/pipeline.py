@@ -271,6 +271,9 @@ class ComposerPipeline:
                 x = known_t * (1 - edit_mask) + x * edit_mask
 
         # 6. Post-process
+        if not bool(torch.isfinite(x).all()):
+            raise RuntimeError("sampling produced non-finite values (NaN or inf): the model's weights have diverged "
+                               "or its precision overflowed; try precision='fp32' or an earlier checkpoint")
         out = ((x.float() + 1) / 2).clamp(0, 1)
         if edit_mask is not None:  # exactly the original outside the mask
             out = edit_image * (1 - edit_mask) + out * edit_mask
