@@ -162,7 +162,7 @@ def test_accelerate_launch_with_two_cpu_processes_trains_identical_replicas(shar
     assert [p["positions"] for p in positions] == [{"0": 12}, {"0": 12}]
 
 
-@pytest.mark.parametrize("preset", ["train/tiny", "train/slots", "train/paper"])
+@pytest.mark.parametrize("preset", ["train/tiny", "train/slots", "train/paper", "train/tiny-joint"])
 def test_training_presets_fit_the_schema(preset):
     cfg = load_config([preset], [])
     assert cfg.data.resolution == 64 and cfg.train.total_images > 0
@@ -170,4 +170,4 @@ def test_training_presets_fit_the_schema(preset):
     if preset == "train/slots":
         assert cfg.decomposers.enabled == ["slots"]
     else:
-        assert len(cfg.decomposers.enabled) == 8
+        assert len(cfg.decomposers.enabled) == (9 if preset.endswith("joint") else 8)
