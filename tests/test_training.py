@@ -171,3 +171,46 @@ def test_training_presets_fit_the_schema(preset):
         assert cfg.decomposers.enabled == ["slots"]
     else:
         assert len(cfg.decomposers.enabled) == (9 if preset.endswith("joint") else 8)
+
+
+def test_timestep_range_bounds_and_errors():
+    from composer.train.loop import timestep_bounds
+
+    assert timestep_bounds([0.0, 1.0], 1000) == (0, 1000)
+    assert timestep_bounds([0.0, 0.3], 1000) == (0, 300)
+    assert timestep_bounds([0.5, 0.5001], 1000) == (500, 501)
+    for bad in ([0.5, 0.2], [0.0, 1.5], [0.1]):
+        with pytest.raises(ValueError, match="train.timestep_range"):
+            timestep_bounds(bad, 1000)
+
+
+def test_loss_log_is_trimmed_to_the_resumed_position(tmp_path):
+    from composer.train.loop import trim_loss_log
+
+    log = tmp_path / "losses.csv"
+    log.write_text("images_seen,loss\n16,0.5\n32,0.4\n48,0.3\n64,0.")  # the last line was cut by a crash
+    trim_loss_log(log, 32)
+    assert log.read_text() == "images_seen,loss\n16,0.5\n32,0.4\n"
+    trim_loss_log(log, 0)  # a fresh run in the same folder starts a new log
+    assert log.read_text() == "images_seen,loss\n"
+
+
+def test_warm_start_loads_matching_tensors_and_names_bad_sources(shards, tmp_path):
+    from composer.train.loop import load_initial_weights
+    from composer.train.module import TrainingModule
+    from composer.unet import build_model
+    from decomposers.set import DecomposerSet
+
+    source = tmp_path / "source"
+    train(make_config(shards, source))
+    cfg = make_config(shards, tmp_path / "target")
+    cfg.decomposers.enabled = ["palette", "sketch", "intensity", "masking", "depth"]  # one condition more
+    decomposers = DecomposerSet(list(cfg.decomposers.enabled))
+    module = TrainingModule(build_model(cfg.model, decomposers.specs()))
+    report = load_initial_weights(module, source / "pipeline")
+    assert "new (fresh)" in report and " 0 new" not in report
+    reference = load_file(source / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    key = next(k for k in reference if "up_blocks" in k)
+    torch.testing.assert_close(module.state_dict()[f"unet.{key}"], reference[key], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        load_initial_weights(module, tmp_path / "nowhere")
