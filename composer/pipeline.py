@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from composer.conditions import Conditions
 from composer.guidance import composed_eps, guided_eps
 from composer.precision import autocast
-from composer.unet import ComposerUNet
+from composer.unet import ComposerUNet, load_unet
 
 SCHEDULERS = {"ancestral": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler,
               "ddpm": DDPMScheduler}
@@ -129,7 +129,7 @@ class ComposerPipeline:
             raise FileNotFoundError(f"{directory} is not a pipeline folder (no model_index.json); give the folder "
                                     "written by `composer-diffusion train` (output_dir/pipeline)")
         index = json.loads((directory / "model_index.json").read_text())
-        unet = ComposerUNet.from_pretrained(directory / "unet").eval().requires_grad_(False)
+        unet = load_unet(directory / "unet").eval().requires_grad_(False)
         scheduler = DDPMScheduler.from_pretrained(directory / "scheduler")
         from omegaconf import OmegaConf
 

@@ -173,10 +173,39 @@ def model_kwargs(preset: str, overrides: dict[str, Any] | None = None,
     return kwargs
 
 
+def load_unet(folder: Any) -> ComposerUNet:
+    """Load a saved ComposerUNet, refusing weights that do not match the current architecture.
+
+    diffusers would leave missing tensors randomly initialised with a warning; a pipeline that silently
+    samples from partly random weights is worse than a clear error.
+    """
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(logging.ERROR)
+    try:
+        unet, info = ComposerUNet.from_pretrained(folder, low_cpu_mem_usage=False, output_loading_info=True)
+    finally:
+        diffusers_logging.set_verbosity(previous)
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = [k if isinstance(k, str) else k[0] for k in info.get(kind) or []]
+        if keys:
+            shown = ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+            problems.append(f"{kind.replace('_', ' ')}: {shown}")
+    if problems:
+        raise ValueError(f"the weights in {folder} do not match this version's ComposerUNet ({'; '.join(problems)}); "
+                         "they were saved by an older or different model: retrain, or warm-start a new run from "
+                         "them with train.init_from")
+    return unet
+
+
 def build_model(model_cfg: Any, specs: dict[str, ConditionSpec] | None = None) -> ComposerUNet:
     """A ComposerUNet from the run config's model section (preset, overrides, optional pretrained folder)."""
     if getattr(model_cfg, "pretrained", None):
-        return ComposerUNet.from_pretrained(model_cfg.pretrained)
+        return load_unet(model_cfg.pretrained)
     overrides = dict(model_cfg.overrides) if getattr(model_cfg, "overrides", None) else {}
     try:
         return ComposerUNet(**model_kwargs(model_cfg.preset, overrides, specs))

@@ -156,3 +156,21 @@ def test_precision_choices():
     assert resolve_precision("bf16", "cpu") == torch.bfloat16
     with pytest.raises(ValueError, match="emulated"):
         resolve_precision("fp16", "cpu")
+
+
+def test_loading_weights_of_another_architecture_is_a_clear_error(tmp_path):
+    """Missing tensors are never left randomly initialised (diffusers' default is a warning)."""
+    from safetensors.torch import load_file, save_file
+
+    from composer.unet import load_unet
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "unet")
+    assert load_unet(tmp_path / "unet").state_dict().keys() == model.state_dict().keys()
+    weights_file = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_file)
+    dropped = sorted(weights)[0]
+    del weights[dropped]
+    save_file(weights, weights_file)
+    with pytest.raises(ValueError, match=f"do not match.*missing keys: {dropped}"):
+        load_unet(tmp_path / "unet")
