@@ -214,3 +214,20 @@ def test_warm_start_loads_matching_tensors_and_names_bad_sources(shards, tmp_pat
     torch.testing.assert_close(module.state_dict()[f"unet.{key}"], reference[key], rtol=0, atol=0)
     with pytest.raises(ValueError, match="not a checkpoint folder"):
         load_initial_weights(module, tmp_path / "nowhere")
+
+
+def test_condition_loss_script_reports_every_subset(shards, tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from condition_loss import condition_errors
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "run"
+    cfg = make_config(shards, out)
+    train(cfg)
+    cfg.train.sample_shards = [shards]
+    columns, rows = condition_errors(out / "pipeline", cfg, 4, [100, 900], uniform_draws=2)
+    assert columns == ["t=100", "t=900", "t~U"]
+    assert list(rows) == ["all", "none", "palette", "sketch", "intensity", "masking"]
+    assert all(0.0 <= v <= 4.0 for values in rows.values() for v in values)
+    assert rows["all"] != rows["none"]  # conditions reach the UNet's prediction
