@@ -72,6 +72,9 @@ def test_two_steps_write_a_checkpoint_and_a_pipeline_generate_loads(shards, tmp_
     assert rows[0] == "images_seen,loss" and [r.split(",")[0] for r in rows[1:]] == ["4", "8"]
     assert list((out / "samples").glob("grid-*.png")) and list((out / "tensorboard").iterdir())
     assert OmegaConf.load(out / "config.yaml").train.total_images == 8
+    run_summary = json.loads((out / "run_summary.json").read_text())
+    assert run_summary["session_images"] == 8 and run_summary["resumed_from"] is None
+    assert run_summary["session_seconds"] > 0
     image = tmp_path / "gen.png"
     code = main(["generate", "--model", str(out / "pipeline"), "--steps", "2", "--out", str(image)])
     assert code == 0 and image.is_file()

@@ -106,6 +106,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     # 3. Train
     t_low, t_high = timestep_bounds(tcfg.timestep_range, tcfg.num_train_timesteps)
+    session_start, session_images = time.perf_counter(), state.images_seen
     batches = iter(loader)
     last_loss = float("nan")
     losses: list[tuple[int, float]] = []
@@ -203,7 +204,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_json_atomic(out / "run_summary.json", {
             "images_seen": state.images_seen, "step": state.step, "skipped_steps": state.skipped_steps,
             "last_loss": last_loss, "world_size": world, "replica_digests": digests,
-            "loader_skipped": loader.skipped()})
+            "loader_skipped": loader.skipped(), "resumed_from": str(resume) if resume is not None else None,
+            "session_images": state.images_seen - session_images,
+            "session_seconds": round(time.perf_counter() - session_start, 1)})
     accelerator.end_training()
     return {"images_seen": state.images_seen, "parameter_digest": digest, "replica_digests": digests, "step": state.step, "last_loss": last_loss,
             "skipped_steps": state.skipped_steps, "pipeline": str(out / "pipeline"), "losses": losses,
