@@ -24,7 +24,7 @@ def condition_errors(model: str | Path, cfg, num: int, timesteps: list[int], see
                      uniform_draws: int = 8) -> tuple[list[str], dict[str, list[float]]]:
     from composer.pipeline import ComposerPipeline
     from composer.train.loop import _extras, _held_out_batch
-    from composer.train.samples import condition_subsets
+    from composer.train.samples import centre_mask, condition_subsets
 
     device = torch.device("cpu")
     cfg.train.sample_images = num
@@ -36,11 +36,8 @@ def condition_errors(model: str | Path, cfg, num: int, timesteps: list[int], see
     prediction = scheduler.config.prediction_type
     images = batch["image"]
     x0 = images * 2 - 1
-    h, w = images.shape[-2:]
-    mask = torch.zeros(images.shape[0], 1, h, w)
-    mask[..., h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 1
     conditions = pipe.decomposers.decompose(images, captions=batch["caption"], extras=_extras(batch, device),
-                                            training=False, mask=mask)
+                                            training=False, mask=centre_mask(images))
     alphas = scheduler.alphas_cumprod
     total = int(scheduler.config.num_train_timesteps)
     generator = torch.Generator().manual_seed(seed)
@@ -51,7 +48,7 @@ def condition_errors(model: str | Path, cfg, num: int, timesteps: list[int], see
 
     def error(subset: list[str], t: torch.Tensor, noise: torch.Tensor) -> float:
         a = alphas[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        x_t = scheduler.add_noise(x0, noise, t)
         out = pipe.unet(x_t, t, conditions.subset(subset)).float()
         if prediction == "v_prediction":
             estimate = a.sqrt() * x_t - (1 - a).sqrt() * out

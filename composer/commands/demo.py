@@ -29,12 +29,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from composer.config import load_config
     from composer.data.loader import make_loader
     from composer.data.shards import write_scene_shards
     from composer.imageio import labelled_row
+    from composer.train.samples import centre_mask
     from decomposers.set import DecomposerSet
 
     out = Path(args.out)
@@ -55,9 +54,7 @@ def run(args: argparse.Namespace) -> int:
     names = ["palette", "sketch", "instances", "depth", "intensity", "masking"]
     decomposers = DecomposerSet(names)
     extras = {k: batch[k][:1] for k in ("instances", "classes", "depth")}
-    mask = torch.zeros(1, 1, 64, 64)
-    mask[..., 16:48, 16:48] = 1
-    conditions = decomposers.decompose(batch["image"][:1], extras=extras, mask=mask)
+    conditions = decomposers.decompose(batch["image"][:1], extras=extras, mask=centre_mask(batch["image"][:1]))
     tiles = [("scene", batch["image"][:1])] + [(n, decomposers.visualize(n, conditions[n])) for n in names]
     labelled_row(tiles, tile=128).save(out / "decomposition.png")
     print(f"[3/4] decomposed scene {batch['key'][0]!r} ({batch['caption'][0]!r}) -> {out / 'decomposition.png'}")

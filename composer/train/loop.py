@@ -33,7 +33,7 @@ from composer.train.checkpoint import CheckpointStore, publish_directory, recove
 from composer.train.ema import EMA
 from composer.train.module import TrainingModule
 from composer.train.monitor import Monitor
-from composer.train.samples import compose_grid, condition_subsets, save_grid
+from composer.train.samples import centre_mask, compose_grid, condition_subsets, save_grid
 from composer.train.schedule import make_lr_scheduler
 from composer.train.seeding import step_generator
 from composer.train.state import TrainingState, load_checkpoint, save_checkpoint, write_json_atomic
@@ -335,11 +335,8 @@ def _sample_grid(pipeline_dir: Path, batch: dict[str, Any] | None, cfg: DictConf
     pipe = ComposerPipeline.from_pretrained(pipeline_dir, device=device)
     images = batch["image"].to(device)
     count = images.shape[0]
-    mask = torch.zeros(count, 1, *images.shape[-2:], device=device)
-    h, w = images.shape[-2:]
-    mask[..., h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 1  # masking: regenerate the centre
     conditions = pipe.decomposers.decompose(images, captions=batch["caption"], extras=_extras(batch, device),
-                                            training=False, mask=mask)
+                                            training=False, mask=centre_mask(images))
     rows = []
     for label, names in condition_subsets(pipe.decomposers.names):
         generators = [torch.Generator().manual_seed(1000 + i) for i in range(count)]

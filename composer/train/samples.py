@@ -18,6 +18,14 @@ LABEL_WIDTH = 96
 PADDING = 2
 
 
+def centre_mask(images: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) mask of ones over the centre half of each side: the region `masking` regenerates."""
+    h, w = images.shape[-2:]
+    mask = torch.zeros(images.shape[0], 1, h, w, device=images.device)
+    mask[..., h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 1
+    return mask
+
+
 def condition_subsets(names: Sequence[str]) -> list[tuple[str, list[str]]]:
     """(row label, condition names) for: all, none, then each condition alone (in ``names`` order)."""
     names = list(names)
