@@ -234,3 +234,10 @@ def test_condition_loss_script_reports_every_subset(shards, tmp_path):
     assert list(rows) == ["all", "none", "palette", "sketch", "intensity", "masking"]
     assert all(0.0 <= v <= 4.0 for values in rows.values() for v in values)
     assert rows["all"] != rows["none"]  # conditions reach the UNet's prediction
+
+
+def test_the_last_partial_logging_window_reaches_the_loss_log(shards, tmp_path):
+    out = tmp_path / "run"
+    train(make_config(shards, out, log_every_steps=5))  # 2 steps: no full window of 5
+    rows = (out / "losses.csv").read_text().splitlines()
+    assert rows[0] == "images_seen,loss" and [r.split(",")[0] for r in rows[1:]] == ["8"]

@@ -172,7 +172,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             ema.update(accelerator.unwrap_model(module))
             state.ema_updates = ema.updates
         monitor.record_step(grad_norm=None, images_seen=state.images_seen, images_delta=state.images_per_step)
-        if state.step % tcfg.log_every_steps == 0:
+        done = state.images_seen >= tcfg.total_images
+        if state.step % tcfg.log_every_steps == 0 or done:  # the last, partial window is logged too
             scalars = monitor.flush(step=state.step, images_seen=state.images_seen, lr=lr_scheduler.get_last_lr()[0],
                                     skipped_steps=state.skipped_steps, loader_skipped=loader.skipped())
             if "train/loss" in scalars:
@@ -180,7 +181,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 if accelerator.is_main_process:  # appended as it goes, so a killed run keeps its curve
                     with open(loss_log, "a") as handle:
                         handle.write(f"{state.images_seen},{scalars['train/loss']:.6f}\n")
-        done = state.images_seen >= tcfg.total_images
         if done or (next_checkpoint and state.images_seen >= next_checkpoint):
             save_checkpoint(accelerator, store, state, ema, loader.state_dict())
             if accelerator.is_main_process:
