@@ -17,8 +17,8 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from composer.conditions import Conditions, ConditionSpec  # noqa: E402
-from composer.guidance import guided_eps  # noqa: E402
-from composer.unet import ComposerUNet, count_parameters, model_kwargs  # noqa: E402
+from composer.diffusion.guidance import guided_eps  # noqa: E402
+from composer.models.unet import ComposerUNet, count_parameters, model_kwargs  # noqa: E402
 
 
 def specs(word_dim: int, embed: int) -> dict[str, ConditionSpec]:

@@ -24,12 +24,12 @@ import torch.nn.functional as F  # noqa: E402
 
 from composer.config import load_config  # noqa: E402
 from composer.data.loader import make_loader  # noqa: E402
-from composer.dropout import DropoutPolicy  # noqa: E402
+from composer.diffusion.dropout import DropoutPolicy  # noqa: E402
 from composer.train.accelerator import make_accelerator  # noqa: E402
 from composer.train.loop import _extras, make_noise_scheduler  # noqa: E402
 from composer.train.module import TrainingModule  # noqa: E402
 from composer.train.seeding import step_generator  # noqa: E402
-from composer.unet import build_model, count_parameters  # noqa: E402
+from composer.models.unet import build_model, count_parameters  # noqa: E402
 from decomposers.set import DecomposerSet  # noqa: E402
 
 

@@ -1,5 +1,37 @@
-"""Composer-style multi-condition, composable image diffusion."""
+"""Composer-style multi-condition, composable image diffusion.
+
+    from composer import ComposerPipeline
+    pipe = ComposerPipeline.from_pretrained("assets/demo-model")
+
+Heavy members (the pipeline, the UNet) are imported on first use, so `import composer` stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 from composer.conditions import Conditions, ConditionSpec
 
-__all__ = ["Conditions", "ConditionSpec"]
+# name -> module holding it. diffusers' folder loader looks components up as attributes of their top-level
+# package (model_index.json says ["composer", "ComposerUNet"]), and checks them against its base classes by
+# looking those up in the same package, hence ModelMixin / SchedulerMixin here.
+_LAZY = {
+    "ComposerPipeline": "composer.pipelines.composer_pipeline",
+    "ComposerPipelineOutput": "composer.pipelines.composer_pipeline",
+    "ComposerUNet": "composer.models.unet",
+    "Denoiser": "composer.diffusion.denoiser",
+    "ModelMixin": "diffusers",
+    "SchedulerMixin": "diffusers",
+    "ConfigMixin": "diffusers",
+    "DiffusionPipeline": "diffusers",
+}
+
+__all__ = ["Conditions", "ConditionSpec", "ComposerPipeline", "ComposerPipelineOutput", "ComposerUNet", "Denoiser"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'composer' has no attribute {name!r}")

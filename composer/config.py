@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from yaml import YAMLError
 
 from composer.data.config import DataConfig, ScenesConfig
-from composer.model_config import DropoutConfig, ModelConfig, SampleConfig
+from composer.models.config import DropoutConfig, ModelConfig, SampleConfig
 from composer.train.config import TrainConfig
 from decomposers.config import DecomposersConfig
 

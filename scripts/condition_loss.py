@@ -22,7 +22,7 @@ import torch
 @torch.no_grad()
 def condition_errors(model: str | Path, cfg, num: int, timesteps: list[int], seed: int = 0,
                      uniform_draws: int = 8) -> tuple[list[str], dict[str, list[float]]]:
-    from composer.pipeline import ComposerPipeline
+    from composer.pipelines.composer_pipeline import ComposerPipeline
     from composer.train.loop import _extras, _held_out_batch
     from composer.train.samples import centre_mask, condition_subsets
 

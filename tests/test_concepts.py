@@ -8,10 +8,10 @@ from PIL import Image
 from sklearn.metrics import adjusted_rand_score
 
 from composer.cli import main
-from composer.concepts import ConceptLibrary, build_library, compose, kmeans
+from composer.slots.concepts import ConceptLibrary, build_library, compose, kmeans
 from composer.conditions import Conditions
-from composer.pipeline import ComposerPipeline
-from composer.unet import ComposerUNet, model_kwargs
+from composer.pipelines.composer_pipeline import ComposerPipeline
+from composer.models.unet import ComposerUNet, model_kwargs
 from decomposers.set import DecomposerSet
 from decomposers.slots import SlotsDecomposer
 

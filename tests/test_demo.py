@@ -8,7 +8,7 @@ from PIL import Image
 
 from composer.cli import main
 from composer.commands.demo import DEFAULT_MODEL
-from composer.pipeline import ComposerPipeline
+from composer.pipelines.composer_pipeline import ComposerPipeline
 
 
 def test_demo_model_asset_loads_and_matches_the_code():

@@ -8,8 +8,8 @@ from PIL import Image
 
 from composer.cli import main
 from composer.data.scenes import generate_scene
-from composer.pipeline import ComposerPipeline
-from composer.unet import ComposerUNet, model_kwargs
+from composer.pipelines.composer_pipeline import ComposerPipeline
+from composer.models.unet import ComposerUNet, model_kwargs
 from decomposers.set import DecomposerSet
 
 TINY = dict(block_out_channels=(16, 32), attention_heads=(1, 2), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from composer.conditions import Conditions, ConditionSpec
-from composer.dropout import DropoutPolicy
-from composer.guidance import composed_eps, guided_eps
-from composer.precision import resolve_precision
-from composer.unet import ComposerUNet, model_kwargs
+from composer.diffusion.dropout import DropoutPolicy
+from composer.diffusion.guidance import composed_eps, guided_eps
+from composer.runtime import resolve_precision
+from composer.models.unet import ComposerUNet, model_kwargs
 
 SPECS = {
     "caption": ConditionSpec("caption", ("global", "tokens"), 16, token_dim=12, num_tokens=7),
@@ -162,7 +162,7 @@ def test_loading_weights_of_another_architecture_is_a_clear_error(tmp_path):
     """Missing tensors are never left randomly initialised (diffusers' default is a warning)."""
     from safetensors.torch import load_file, save_file
 
-    from composer.unet import load_unet
+    from composer.models.unet import load_unet
 
     model = tiny_model()
     model.save_pretrained(tmp_path / "unet")

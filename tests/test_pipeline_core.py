@@ -5,8 +5,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from composer.conditions import Conditions
-from composer.pipeline import ComposerPipeline
-from composer.unet import ComposerUNet, model_kwargs
+from composer.pipelines.composer_pipeline import ComposerPipeline
+from composer.models.unet import ComposerUNet, model_kwargs
 from decomposers.set import DecomposerSet
 
 TINY = dict(block_out_channels=(16, 32), attention_heads=(1, 2), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),

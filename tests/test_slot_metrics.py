@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from composer.slot_metrics import (
+from composer.slots.metrics import (
     SlotMetricAccumulator,
     adjusted_rand_index,
     foreground_ari,

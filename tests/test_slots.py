@@ -12,8 +12,8 @@ from PIL import Image
 
 from composer.cli import main
 from composer.conditions import Conditions
-from composer.pipeline import ComposerPipeline, load_decomposer_set
-from composer.slot_editing import (
+from composer.pipelines.composer_pipeline import ComposerPipeline, load_decomposer_set
+from composer.slots.editing import (
     add_slots,
     drop_slots,
     edit_slots,
@@ -21,9 +21,9 @@ from composer.slot_editing import (
     parse_swap,
     swap_slots,
 )
-from composer.slot_metrics import foreground_ari, mean_best_overlap
-from composer.slot_visuals import slot_colours
-from composer.unet import ComposerUNet, model_kwargs
+from composer.slots.metrics import foreground_ari, mean_best_overlap
+from composer.slots.visuals import slot_colours
+from composer.models.unet import ComposerUNet, model_kwargs
 from decomposers.set import DecomposerSet
 from decomposers.slots import SlotAttention, SlotsDecomposer
 
@@ -288,7 +288,7 @@ def test_generate_style_slot_arguments(slots_pipeline, tmp_path):
     from skimage import data
 
     from composer.imageio import load_image
-    from composer.slot_editing import slots_from_arguments
+    from composer.slots.editing import slots_from_arguments
 
     Image.fromarray(data.chelsea()).save(tmp_path / "cat.png")
     Image.fromarray(data.astronaut()).save(tmp_path / "astronaut.png")

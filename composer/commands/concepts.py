@@ -46,7 +46,7 @@ def register(subparsers) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from composer.concepts import build_library
+    from composer.slots.concepts import build_library
     from composer.data.config import DataConfig
     from composer.data.loader import make_loader
     from decomposers.slots import SlotsDecomposer
@@ -92,10 +92,10 @@ def run_compose(args: argparse.Namespace) -> int:
     import torch
 
     import decomposers.slots  # noqa: F401  (registers the slots decomposer the pipeline folder names)
-    from composer.concepts import ConceptLibrary, compose
+    from composer.slots.concepts import ConceptLibrary, compose
     from composer.conditions import Conditions
     from composer.imageio import load_image, save_image
-    from composer.pipeline import ComposerPipeline
+    from composer.pipelines.composer_pipeline import ComposerPipeline
 
     if args.num_images < 1 or args.steps < 1:
         raise ValueError("--num-images and --steps must be at least 1")

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if not (model / "model_index.json").is_file():
         print(f"[4/4] no trained pipeline at {model}: skipping generation (train one with `composer-diffusion train`)")
     else:
-        from composer.demo_generation import compose_from_two_scenes
+        from composer.pipelines.demo import compose_from_two_scenes
 
         path = compose_from_two_scenes(model, batch, out, steps=args.steps, seed=args.seed)
         print(f"[4/4] composed new images from conditions of two scenes -> {path}")

@@ -35,7 +35,7 @@ def evaluate(encoder, shards: list[str], *, max_images: int, batch_size: int, re
 
     from composer.data.config import DataConfig
     from composer.data.loader import make_loader
-    from composer.slot_metrics import SlotMetricAccumulator
+    from composer.slots.metrics import SlotMetricAccumulator
 
     data = DataConfig(shards=list(shards), resolution=resolution, crop="center", batch_size=batch_size, num_workers=0,
                       shuffle_shards=False, shuffle_buffer=0, extras=["instances"])

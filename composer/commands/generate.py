@@ -89,7 +89,7 @@ def _conditions(pipe, args):
         if name not in accepted:
             raise ValueError(f"this model was not trained with {name}; it accepts {', '.join(accepted)}")
         if name == "slots":
-            from composer.slot_editing import slots_from_arguments
+            from composer.slots.editing import slots_from_arguments
 
             values["slots"] = slots_from_arguments(pipe, path, args.drop_slots, args.swap_slots)
             continue
@@ -114,7 +114,7 @@ def _run(args, image=None, mask=None, masking_image=None) -> int:
     import torch
 
     from composer.imageio import labelled_row, save_image
-    from composer.pipeline import ComposerPipeline
+    from composer.pipelines.composer_pipeline import ComposerPipeline
 
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from composer.imageio import labelled_row, load_image, save_image
-    from composer.slot_visuals import overlay, segmentation_map
+    from composer.slots.visuals import overlay, segmentation_map
     from decomposers.slots import SlotsDecomposer
 
     if not 0.0 <= args.alpha <= 1.0:

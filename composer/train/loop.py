@@ -26,8 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from composer.config import save_config
 from composer.data.loader import make_loader
-from composer.dropout import DropoutPolicy
-from composer.pipeline import ComposerPipeline
+from composer.diffusion.dropout import DropoutPolicy
+from composer.pipelines.composer_pipeline import ComposerPipeline
 from composer.train.accelerator import make_accelerator
 from composer.train.checkpoint import CheckpointStore, publish_directory, recover_directory, resolve_resume
 from composer.train.ema import EMA
@@ -37,7 +37,7 @@ from composer.train.samples import centre_mask, compose_grid, condition_subsets,
 from composer.train.schedule import make_lr_scheduler
 from composer.train.seeding import step_generator
 from composer.train.state import TrainingState, load_checkpoint, save_checkpoint, write_json_atomic
-from composer.unet import build_model
+from composer.models.unet import build_model
 from decomposers.set import DecomposerSet
 
 RAW_EXTRAS = ("instances", "classes", "depth")

@@ -31,9 +31,9 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
 from composer.conditions import Conditions
-from composer.guidance import composed_eps, guided_eps
-from composer.precision import autocast
-from composer.unet import ComposerUNet, load_unet
+from composer.diffusion.guidance import composed_eps, guided_eps
+from composer.runtime import autocast
+from composer.models.unet import ComposerUNet, load_unet
 
 SCHEDULERS = {"ancestral": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler,
               "ddpm": DDPMScheduler}
@@ -115,7 +115,7 @@ class ComposerPipeline:
                     (decomposer_dir / name).mkdir(exist_ok=True)
                     state = {k: v.detach().contiguous().cpu() for k, v in decomposer.state_dict().items()}
                     save_file(state, decomposer_dir / name / "model.safetensors")
-        index = {"_class_name": "ComposerPipeline", "unet": ["composer.unet", "ComposerUNet"],
+        index = {"_class_name": "ComposerPipeline", "unet": ["composer.models.unet", "ComposerUNet"],
                  "scheduler": ["diffusers", type(self.scheduler).__name__], "sampler": self.sampler,
                  "resolution": int(self.unet.config.sample_size), "upsamplers": []}
         (directory / "model_index.json").write_text(json.dumps(index, indent=2))

@@ -9,7 +9,7 @@ import torch
 
 from composer.conditions import Conditions
 from composer.imageio import grid, labelled_row
-from composer.pipeline import ComposerPipeline
+from composer.pipelines.composer_pipeline import ComposerPipeline
 
 # (label, {condition: which scene it is taken from})
 COMPOSITIONS = (

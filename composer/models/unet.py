@@ -17,7 +17,7 @@ from diffusers import ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
-from composer.adapters import GlobalAdapter, LocalAdapter
+from composer.models.adapters import GlobalAdapter, LocalAdapter
 from composer.conditions import Conditions, ConditionSpec
 
 DEFAULT_LOCAL_CHANNELS = {"sketch": 1, "instances": 5, "depth": 1, "intensity": 1, "masking": 4}
