@@ -10,17 +10,60 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 
-def load_image(path: str | os.PathLike, size: int | None = None) -> torch.Tensor:
-    """(1, 3, H, W) float in [0, 1] RGB; resized (shorter side) and centre-cropped to ``size`` if given."""
+# Pixels an input image may have (declared in its header, after any shrink-on-decode): 40 megapixels is
+# about 0.5 GB as float RGB. COMPOSER_MAX_PIXELS raises or lowers it.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+def max_pixels() -> int:
+    """The pixel budget for input images: COMPOSER_MAX_PIXELS if set, else DEFAULT_MAX_PIXELS."""
+    value = os.environ.get("COMPOSER_MAX_PIXELS", "").strip()
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    try:
+        budget = int(float(value))
+    except ValueError:
+        raise ValueError(f"COMPOSER_MAX_PIXELS={value!r} is not a number; give a pixel count such as 40000000") from None
+    if budget <= 0:
+        raise ValueError(f"COMPOSER_MAX_PIXELS={value!r} must be positive")
+    return budget
+
+
+def _read(path: str | os.PathLike, what: str) -> tuple[Path, bytes]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist; check the path")
+    if not path.is_file():
+        raise IsADirectoryError(f"{what} {path} is not a file; give an image file (PNG, JPEG, ...)")
+    try:
+        return path, path.read_bytes()
+    except PermissionError:
+        raise PermissionError(f"{what} {path} cannot be read (permission denied); check its permissions") from None
+
+
+def _unreadable(path: Path, error, what: str, budget: int) -> ValueError:
+    if getattr(error, "reason", "") == "too_large":
+        return ValueError(f"{what} {path} is too large ({error}); shrink it first, or raise COMPOSER_MAX_PIXELS "
+                          f"(now {budget})")
+    return ValueError(f"{what} {path} is not a readable image ({error}); give a PNG or JPEG file")
+
+
+def load_image(path: str | os.PathLike, size: int | None = None, *, what: str = "image") -> torch.Tensor:
+    """(1, 3, H, W) float in [0, 1] RGB; resized (shorter side) and centre-cropped to ``size`` if given.
+
+    The header's pixel count is checked against the budget (``max_pixels()``) before decoding, and an
+    image wanted at ``size`` is shrunk while it decodes where the format allows.
+    """
     from composer.data.decode import SampleError, decode_rgb
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist; check the path")
+    if size is not None and (not isinstance(size, int) or size <= 0):
+        raise ValueError(f"image size must be a positive number of pixels, got {size}")
+    path, data = _read(path, what)
+    budget = max_pixels()
     try:
-        image = decode_rgb(path.read_bytes(), 256_000_000)
+        image = decode_rgb(data, budget, min_side=size)
     except SampleError as error:
-        raise ValueError(f"{path} is not a readable image ({error}); give a PNG or JPEG file") from None
+        raise _unreadable(path, error, what, budget) from None
     image = image[None]
     if size is not None:
         h, w = image.shape[-2:]
@@ -31,6 +74,20 @@ def load_image(path: str | os.PathLike, size: int | None = None) -> torch.Tensor
         top, left = (nh - size) // 2, (nw - size) // 2
         image = image[..., top : top + size, left : left + size]
     return image
+
+
+def load_mask(path: str | os.PathLike, *, what: str = "mask") -> torch.Tensor:
+    """(1, 1, H, W) float in {0, 1}, 1 = region to generate. The alpha channel of an RGBA / LA mask is the
+    mask when its colours are uniform (an opaque square on a transparent background is the square);
+    otherwise the mask is composited over black. Grey levels are thresholded at 0.5."""
+    from composer.data.decode import SampleError, decode_mask
+
+    path, data = _read(path, what)
+    budget = max_pixels()
+    try:
+        return decode_mask(data, budget)[None]
+    except SampleError as error:
+        raise _unreadable(path, error, what, budget) from None
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

@@ -10,7 +10,7 @@ from open_clip.transformer import text_global_pool
 
 from composer.conditions import GLOBAL, TOKENS, ConditionSpec
 from decomposers.base import Decomposer
-from decomposers.clip import load_open_clip
+from decomposers.clip import load_open_clip, open_clip_name
 from decomposers.registry import register_decomposer
 
 
@@ -40,7 +40,7 @@ class CaptionDecomposer(Decomposer):
                                    option="decomposers.options.caption.pretrained", base_dir=base_dir)
         if not hasattr(self.clip, "token_embedding"):
             raise ValueError(f"{model_name} has a custom text tower; the caption decomposer supports open_clip CLIP models")
-        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.tokenizer = open_clip.get_tokenizer(open_clip_name(model_name, pretrained))
         self.context_length = int(self.clip.positional_embedding.shape[0])
 
     @property
@@ -48,7 +48,8 @@ class CaptionDecomposer(Decomposer):
         projection = self.clip.text_projection
         dim = projection.shape[1] if isinstance(projection, torch.Tensor) else projection.out_features
         return ConditionSpec(self.name, self.kinds, int(dim), token_dim=int(self.clip.ln_final.normalized_shape[0]),
-                             num_tokens=self.context_length)
+                             num_tokens=self.context_length, vector_key="sentence",
+                             tokens_key="words", mask_key="words_mask")
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, captions: list[str] | None = None, **context: Any) -> dict[str, torch.Tensor]:

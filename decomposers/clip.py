@@ -13,22 +13,47 @@ from pathlib import Path
 
 import torch
 
+from decomposers.paths import HUB_ID, resolve_path  # noqa: F401  (resolve_path: re-exported)
+
+HF_HUB_PREFIX = "hf-hub:"
 _CACHE: dict[tuple, torch.nn.Module] = {}
 
 
-def resolve_path(value: str | None, base: str | os.PathLike | None = None) -> str | None:
-    """A relative path is resolved against ``base`` (a pipeline folder) or the project root."""
-    if value is None:
-        return None
-    path = Path(os.path.expanduser(value))
-    if path.is_absolute():
-        return str(path)
-    roots = [Path(base)] if base else []
-    roots += [Path.cwd(), Path(__file__).resolve().parent.parent]
-    for root in roots:
-        if (root / path).exists():
-            return str(root / path)
-    return value
+def hub_model_id(model_name: str, pretrained: str | None) -> str | None:
+    """The ``hf-hub:org/name`` id when either option names one (open_clip then reads its config and weights
+    from the Hugging Face cache), else None."""
+    for value in (model_name, pretrained):
+        if isinstance(value, str) and value.startswith(HF_HUB_PREFIX):
+            return value
+    return None
+
+
+def open_clip_name(model_name: str, pretrained: str | None) -> str:
+    """The name to give open_clip's ``get_tokenizer``: the hub id if there is one, else the model name."""
+    return hub_model_id(model_name, pretrained) or model_name
+
+
+def _offline_error(error: Exception) -> bool:
+    text = f"{type(error).__name__} {error}".lower()
+    return any(word in text for word in ("offline", "local", "connect", "cache", "entrynotfound", "download"))
+
+
+def _load_from_hub(hub_id: str, option: str) -> torch.nn.Module:
+    import open_clip
+
+    identifier = hub_id[len(HF_HUB_PREFIX):]
+    if not HUB_ID.match(identifier):
+        raise ValueError(f"{option}={hub_id!r} is not a hub id; write hf-hub:ORG/NAME")
+    try:
+        return open_clip.create_model(hub_id, pretrained=None, load_weights=True)
+    except Exception as error:  # huggingface_hub raises its own errors for entries missing from the cache
+        if _offline_error(error):
+            raise FileNotFoundError(
+                f"{hub_id} is not in the local Hugging Face cache (HF_HOME / HF_HUB_CACHE) and downloads are off; "
+                f"download it once with HF_HUB_OFFLINE=0, or set {option} to a local checkpoint"
+            ) from None
+        message = " ".join(str(error).split())[:300]
+        raise ValueError(f"could not load CLIP {hub_id}: {message}; fix {option}") from None
 
 
 def load_open_clip(
@@ -39,21 +64,41 @@ def load_open_clip(
     option: str = "decomposers.options.caption.pretrained",
     base_dir: str | os.PathLike | None = None,
 ) -> torch.nn.Module:
-    """An open_clip model in eval mode, with frozen weights, cached by (name, weights)."""
+    """An open_clip model in eval mode, with frozen weights, cached by (name, weights).
+
+    ``model_name`` (or ``pretrained``) may be ``hf-hub:org/name``: the model's open_clip_config.json and
+    weights then come from the Hugging Face cache. With ``base_dir`` (a pipeline folder) every path must
+    lie inside the folder (see ``decomposers.paths.folder_path``).
+    """
     import open_clip
 
+    section = option.rsplit(".", 1)[0]
+    hub_id = hub_model_id(model_name, pretrained)
+    if hub_id is not None:
+        key = (hub_id, os.environ.get("HF_HUB_CACHE"), os.environ.get("HF_HOME"))  # the cache it came from
+        if key not in _CACHE:
+            _CACHE[key] = _load_from_hub(hub_id, option).eval().requires_grad_(False)
+        return _CACHE[key]
+    if isinstance(model_name, str) and model_name.startswith("local-dir:"):
+        if base_dir is not None:
+            model_name = "local-dir:" + resolve_path(model_name[len("local-dir:"):], base_dir,
+                                                     option=f"{section}.model_name")
+        key = (model_name, None)
+        if key not in _CACHE:
+            _CACHE[key] = open_clip.create_model(model_name, pretrained=None, load_weights=True).eval().requires_grad_(False)
+        return _CACHE[key]
     if model_config_file:
-        config_path = resolve_path(model_config_file, base_dir)
+        config_path = resolve_path(model_config_file, base_dir, option=f"{section}.model_config_file")
         if not Path(config_path).is_file():
-            raise FileNotFoundError(f"open_clip model config {model_config_file} not found; fix the model_config_file option")
+            raise FileNotFoundError(f"open_clip model config {model_config_file} not found; fix {section}.model_config_file")
         open_clip.add_model_config(config_path)
     if not pretrained:
         raise ValueError(
-            f"no CLIP weights configured for {model_name!r}; set {option} to a checkpoint path or an "
-            "open_clip pretrained tag in your cache (e.g. ViT-L-14 with 'openai')"
+            f"no CLIP weights configured for {model_name!r}; set {option} to a checkpoint path, an "
+            "open_clip pretrained tag in your cache (e.g. ViT-L-14 with 'openai') or hf-hub:ORG/NAME"
         )
-    weights = resolve_path(pretrained, base_dir)
     looks_like_path = os.sep in pretrained or pretrained.endswith((".safetensors", ".pt", ".bin", ".pth"))
+    weights = resolve_path(pretrained, base_dir, option=option) if looks_like_path or base_dir is None else pretrained
     if looks_like_path and not Path(weights).is_file():
         raise FileNotFoundError(f"CLIP checkpoint {pretrained} not found; set {option} to an existing file")
     if not looks_like_path:
@@ -73,7 +118,7 @@ def load_open_clip(
                 ) from None
             raise ValueError(f"could not load CLIP {model_name} with weights {pretrained}: {message[:300]}; fix {option}") from None
         except Exception as error:  # e.g. a hub tag that is not cached while offline
-            if "offline" in str(error).lower() or "local" in str(error).lower() or "connect" in str(error).lower():
+            if _offline_error(error):
                 raise FileNotFoundError(
                     f"CLIP weights {pretrained!r} for {model_name} are not in the local cache and downloads are off; "
                     f"set {option} to a local checkpoint path"

@@ -11,6 +11,7 @@ convention as the synthetic scenes' ground-truth depth (which is used instead wh
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from composer.conditions import LOCAL, ConditionSpec
 from decomposers.base import Decomposer
-from decomposers.clip import resolve_path
+from decomposers.paths import HUB_ID, hub_snapshot, resolve_path
 from decomposers.registry import register_decomposer
 
 
@@ -38,7 +39,14 @@ class DepthDecomposer(Decomposer):
     def __init__(self, weights: str | None = None, image_size: int | None = None, source: str = "auto",
                  base_dir: str | None = None):
         super().__init__()
-        self.weights = resolve_path(weights, base_dir) if weights else None
+        option = "decomposers.options.depth.weights"
+        self.in_folder = base_dir is not None
+        self.weights = weights
+        if weights and base_dir is not None:  # a pipeline folder: a folder inside it, or a hub id in the cache
+            inside = Path(resolve_path(weights, base_dir, option=option))
+            self.weights = str(inside) if inside.exists() or not HUB_ID.match(weights) else weights
+        elif weights:
+            self.weights = resolve_path(weights)
         self.image_size, self.source = image_size, source
         self._model = None
         self.predicts_disparity = True
@@ -57,9 +65,17 @@ class DepthDecomposer(Decomposer):
             from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
             offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+            source, extra = self.weights, {}
+            if self.in_folder:
+                # from a pipeline folder: only its own files or a cached hub snapshot, only safetensors, no code
+                if not Path(source).exists():
+                    source = str(hub_snapshot(self.weights, "decomposers.options.depth.weights"))
+                extra = {"use_safetensors": True, "trust_remote_code": False}
+                offline = True
             try:
-                model = AutoModelForDepthEstimation.from_pretrained(self.weights, local_files_only=offline)
-                processor = AutoImageProcessor.from_pretrained(self.weights, local_files_only=offline)
+                model = AutoModelForDepthEstimation.from_pretrained(source, local_files_only=offline, **extra)
+                processor = AutoImageProcessor.from_pretrained(source, local_files_only=offline,
+                                                               trust_remote_code=False)
             except OSError as error:
                 raise FileNotFoundError(f"depth model {self.weights} could not be loaded ({str(error).splitlines()[0][:200]}); "
                                         "set decomposers.options.depth.weights to a local folder") from None

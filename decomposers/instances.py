@@ -4,13 +4,25 @@ Channels: 0-2 a fixed colour code of the category (a deterministic table indexed
 background), 3 the foreground mask, 4 the instance boundaries (1 where the instance id changes between
 neighbouring pixels), so touching instances of the same category stay separable.
 
-Masks come from an ultralytics YOLO segmentation model (v8 / 11 ``-seg``; the paper used v5) loaded from a
-local ``.pt`` path, or from precomputed instance-id and class maps (the synthetic scenes' ground truth).
+Masks come from an ultralytics YOLO segmentation model (v8 / 11 ``-seg``; the paper used v5), or from
+precomputed instance-id and class maps (the synthetic scenes' ground truth).
+
+Weights: a ``.safetensors`` file holding the model's state dict, with the model's yaml dict, task and class
+names in its metadata (pickle-free: the network is built by ultralytics from the yaml and the tensors are
+loaded into it). ``python -m decomposers.instances convert best.pt OUT_DIR`` turns an ultralytics ``.pt``
+into that form. A ``.pt`` is a pickle, which runs code when loaded: one given by path in your own training
+config still loads (with ultralytics' own loader, after a warning), but one inside a pipeline folder is
+refused unless the run passes ``trust_pickle=True`` (``--trust-pickle`` or ``COMPOSER_TRUST_PICKLE=1``).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import sys
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +31,125 @@ import torch.nn.functional as F
 
 from composer.conditions import LOCAL, ConditionSpec
 from decomposers.base import Decomposer
-from decomposers.clip import resolve_path
+from decomposers.paths import TRUST_PICKLE_ENV, resolve_path, trust_pickle_from_env
 from decomposers.registry import register_decomposer
 
 NUM_CODES = 1024
+CONVERT_HINT = "convert it with `python -m decomposers.instances convert WEIGHTS.pt OUT_DIR`"
+YAML_KEY, TASK_KEY, NAMES_KEY = "ultralytics_yaml", "ultralytics_task", "ultralytics_names"
+
+
+def _ultralytics_env() -> None:
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+
+
+def save_yolo_safetensors(yolo, path: str | os.PathLike) -> Path:
+    """Write an ultralytics YOLO model as a safetensors state dict with its yaml dict, task and class names
+    in the metadata; written to a temporary file and renamed, so a failure leaves no partial file."""
+    from safetensors.torch import save_file
+    from ultralytics.engine.model import Model
+
+    model = yolo.model if isinstance(yolo, Model) else yolo  # the YOLO wrapper or its network
+    if not isinstance(getattr(model, "yaml", None), dict):
+        raise ValueError("this YOLO model has no yaml dict (an exported or fused model?); convert the training .pt")
+    state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
+             for k, v in model.state_dict().items()}
+    metadata = {YAML_KEY: json.dumps(model.yaml), TASK_KEY: str(getattr(model, "task", "segment") or "segment"),
+                NAMES_KEY: json.dumps({str(k): str(v) for k, v in dict(getattr(model, "names", {}) or {}).items()})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(handle)
+    try:
+        save_file(state, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return path
+
+
+def load_yolo_safetensors(path: str | os.PathLike):
+    """An ultralytics YOLO built from the yaml dict in ``path``'s metadata, with its tensors loaded (strict);
+    nothing is unpickled."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    _ultralytics_env()
+    from ultralytics import YOLO
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        state = load_file(str(path))
+    except Exception as error:  # SafetensorError for truncated or foreign files
+        raise ValueError(f"YOLO weights {path} are not a readable safetensors file ({type(error).__name__}); "
+                         f"{CONVERT_HINT}") from None
+    if YAML_KEY not in metadata:
+        raise ValueError(f"YOLO weights {path} carry no model yaml in their metadata; {CONVERT_HINT}")
+    try:
+        cfg = json.loads(metadata[YAML_KEY])
+        names = {int(k): v for k, v in json.loads(metadata.get(NAMES_KEY, "{}")).items()}
+    except (ValueError, TypeError):
+        raise ValueError(f"YOLO weights {path} have unreadable metadata; {CONVERT_HINT}") from None
+    if not isinstance(cfg, dict) or "backbone" not in cfg or "head" not in cfg:
+        raise ValueError(f"YOLO weights {path} carry no model yaml (backbone and head); {CONVERT_HINT}")
+    # ultralytics guesses the scale (n/s/m/l/x) from the yaml's file name and would override the stored one:
+    # keep only the stored scale so the network has the shapes of the saved tensors.
+    scale = cfg.get("scale")
+    if scale and isinstance(cfg.get("scales"), dict) and scale in cfg["scales"]:
+        cfg["scales"] = {scale: cfg["scales"][scale]}
+    cfg.pop("yaml_file", None)
+    from ultralytics.utils import YAML
+
+    with tempfile.TemporaryDirectory(prefix="yolo-yaml-") as folder:
+        # a file name ultralytics reads the stored scale back from (yolo0n.yaml -> 'n')
+        yaml_path = Path(folder) / (f"yolo0{scale}.yaml" if scale and scale in "nslmx" else "model.yaml")
+        YAML.save(yaml_path, cfg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yolo = YOLO(str(yaml_path), task=metadata.get(TASK_KEY, "segment"))
+    try:
+        yolo.model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0][:200]
+        raise ValueError(f"YOLO weights {path} do not fit the model their yaml describes ({first}); {CONVERT_HINT}") from None
+    if names:
+        yolo.model.names = names
+    yolo.model.eval()
+    return yolo
+
+
+def convert_yolo(weights: str | os.PathLike, out_dir: str | os.PathLike, *, trust_pickle: bool = False) -> Path:
+    """Turn an ultralytics ``.pt`` into OUT_DIR/<stem>.safetensors (see ``save_yolo_safetensors``).
+
+    The ``.pt`` is read with ultralytics' restricted loader (``weights_only=True`` and an allow-list of its
+    own model classes), which runs no code from the file; ``trust_pickle`` uses the full pickle loader for
+    checkpoints that reference other classes (only for files you trust).
+    """
+    weights = Path(weights)
+    if not weights.is_file():
+        raise FileNotFoundError(f"YOLO weights {weights} not found; give the .pt file to convert")
+    _ultralytics_env()
+    from ultralytics.nn.tasks import torch_safe_load
+
+    try:
+        checkpoint, _ = torch_safe_load(str(weights), safe_only=not trust_pickle)
+    except TypeError as error:
+        raise ValueError(f"{weights} is not an ultralytics checkpoint its restricted loader accepts "
+                         f"({_first_line(error)}); if you trust the file, convert it with --trust-pickle") from None
+    except Exception as error:  # a truncated or foreign file
+        raise ValueError(f"{weights} is not a readable ultralytics checkpoint ({type(error).__name__}: "
+                         f"{_first_line(error)})") from None
+    model = (checkpoint.get("ema") or checkpoint.get("model")) if isinstance(checkpoint, dict) else None
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"{weights} holds no ultralytics model (no 'model' entry); give a YOLO training checkpoint")
+    return save_yolo_safetensors(model.float(), Path(out_dir) / f"{weights.stem}.safetensors")
+
+
+def _first_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:200]
 
 
 def category_codes(num: int = NUM_CODES) -> torch.Tensor:
@@ -56,18 +183,26 @@ class InstancesDecomposer(Decomposer):
     kinds = (LOCAL,)
 
     def __init__(self, weights: str | None = None, image_size: int = 320, confidence: float = 0.25,
-                 source: str = "auto", base_dir: str | None = None):
+                 source: str = "auto", base_dir: str | None = None, trust_pickle: bool = False):
         super().__init__()
-        if image_size % 32:
-            raise ValueError(f"instances image_size must be a multiple of 32, got {image_size}")
-        self.weights = resolve_path(weights, base_dir) if weights else None
+        if not isinstance(image_size, int) or image_size <= 0 or image_size % 32:
+            raise ValueError(f"instances image_size must be a positive multiple of 32, got {image_size}")
+        option = "decomposers.options.instances.weights"
+        self.weights = resolve_path(weights, base_dir, option=option) if weights else None
+        self.trust_pickle = bool(trust_pickle) or trust_pickle_from_env()
+        if base_dir is not None and self.weights and not self.weights.endswith(".safetensors"):
+            if not self.trust_pickle:
+                raise ValueError(
+                    f"pipeline folder {base_dir} names pickled YOLO weights {weights} (loading a pickle runs any code "
+                    f"inside it); {CONVERT_HINT} and point {option} at the .safetensors, or, if you trust the folder, "
+                    f"pass --trust-pickle ({TRUST_PICKLE_ENV}=1) for this run")
         self.image_size, self.confidence, self.source = int(image_size), float(confidence), source
         self.register_buffer("codes", category_codes(), persistent=False)
         self._yolo = None
 
     @property
     def spec(self) -> ConditionSpec:
-        return ConditionSpec(self.name, self.kinds, 5)
+        return ConditionSpec(self.name, self.kinds, 5, resize="nearest")
 
     def yolo(self):
         if self._yolo is None:
@@ -76,10 +211,15 @@ class InstancesDecomposer(Decomposer):
                                  "to a local .pt file (e.g. yolo11n-seg.pt)")
             if not Path(self.weights).is_file():
                 raise FileNotFoundError(f"YOLO weights {self.weights} not found; fix decomposers.options.instances.weights")
-            os.environ.setdefault("YOLO_OFFLINE", "1")
-            from ultralytics import YOLO
+            if self.weights.endswith(".safetensors"):
+                self._yolo = load_yolo_safetensors(self.weights)
+            else:
+                print(f"instances: loading {self.weights} with ultralytics' own loader (a pickle: it runs code "
+                      f"inside the file; use only files you trust; {CONVERT_HINT})", file=sys.stderr)
+                _ultralytics_env()
+                from ultralytics import YOLO
 
-            self._yolo = YOLO(self.weights, task="segment")
+                self._yolo = YOLO(self.weights, task="segment")
         return self._yolo
 
     def from_maps(self, instances: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -127,3 +267,27 @@ class InstancesDecomposer(Decomposer):
         """Category colours with white instance boundaries."""
         edge = rep[:, 4:5]
         return (rep[:, :3] * (1 - edge) + edge).clamp(0, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m decomposers.instances convert WEIGHTS.pt OUT_DIR``."""
+    parser = argparse.ArgumentParser(prog="python -m decomposers.instances",
+                                     description="Convert ultralytics YOLO .pt weights to pickle-free safetensors.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    convert = sub.add_parser("convert", help="WEIGHTS.pt -> OUT_DIR/<stem>.safetensors (read without running its code)")
+    convert.add_argument("weights")
+    convert.add_argument("out_dir")
+    convert.add_argument("--trust-pickle", action="store_true",
+                         help="read the .pt with the full pickle loader (runs code in the file: only for files you trust)")
+    args = parser.parse_args(argv)
+    try:
+        path = convert_yolo(args.weights, args.out_dir, trust_pickle=args.trust_pickle)
+    except (ValueError, OSError, RuntimeError) as error:
+        print(f"convert: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}; set decomposers.options.instances.weights={path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

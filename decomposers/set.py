@@ -7,11 +7,17 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from diffusers import ModelMixin
 from torch import nn
 
 from composer.conditions import CAPTION, Conditions, ConditionSpec
+from decomposers.paths import folder_path
 from decomposers.registry import get_decomposer, list_decomposers
 
+# Option keys that name files; in a pipeline folder each must stay inside it (see decomposers.paths).
+FILE_OPTIONS = ("pretrained", "model_config_file", "weights")
+# Options that only the person running a command may set, never a pipeline folder's config.yaml.
+RUN_ONLY_OPTIONS = ("trust_pickle",)
 # Batch extras a decomposer reads (precomputed ground truth replaces the model when present).
 EXTRA_INPUTS = {"instances": ("instances", "classes"), "depth": ("depth",), "masking": ("instances",)}
 NEEDS_BASE_DIR = {"caption", "image_embedding", "instances", "depth"}
@@ -30,15 +36,36 @@ def _is_representation(value: torch.Tensor, spec: ConditionSpec) -> bool:
     return value.ndim == 2 and value.shape[-1] == spec.dim
 
 
-class DecomposerSet(nn.Module):
+def _check_folder_options(options: Mapping[str, Mapping[str, Any]], base_dir: str) -> None:
+    """Refuse, before any decomposer is built, file options that leave the pipeline folder and options
+    that only the person running the command may set."""
+    for name, values in options.items():
+        for key in RUN_ONLY_OPTIONS:
+            if key in values:
+                raise ValueError(f"pipeline folder {base_dir} sets decomposers.options.{name}.{key} in its config.yaml; "
+                                 f"only you can choose that for a run (--trust-pickle): remove it from the folder")
+        if "base_dir" in values:
+            raise ValueError(f"pipeline folder {base_dir} sets decomposers.options.{name}.base_dir; remove it")
+        for key, value in values.items():
+            if not isinstance(value, str) or value.startswith("hf-hub:"):
+                continue  # a hub id is read from the Hugging Face cache, not from a path
+            if value.startswith("local-dir:"):
+                folder_path(value[len("local-dir:"):], base_dir, f"decomposers.options.{name}.{key}")
+            elif key in FILE_OPTIONS:
+                folder_path(value, base_dir, f"decomposers.options.{name}.{key}")
+
+
+class DecomposerSet(ModelMixin):
     """The decomposers named in ``enabled``, each built with ``options[name]``.
 
-    ``base_dir`` resolves relative weight paths (a pipeline folder). Frozen decomposers run under
-    ``no_grad``; trainable ones (``trainable = True``, e.g. slots) keep their graph.
+    ``base_dir`` is a pipeline folder: every weight path in ``options`` must then lie inside it, and
+    pickled weights are refused unless ``trust_pickle`` (this run's choice, or ``COMPOSER_TRUST_PICKLE=1``).
+    Frozen decomposers run under ``no_grad``; trainable ones (``trainable = True``, e.g. slots) keep
+    their graph.
     """
 
     def __init__(self, enabled: Iterable[str], options: Mapping[str, Mapping[str, Any]] | None = None,
-                 base_dir: str | os.PathLike | None = None):
+                 base_dir: str | os.PathLike | None = None, *, trust_pickle: bool = False):
         super().__init__()
         options = {k: dict(v) for k, v in (options or {}).items()}
         known = list_decomposers()
@@ -52,11 +79,15 @@ class DecomposerSet(nn.Module):
                              f"choose from {', '.join(known)}")
         self.options = options
         self.base_dir = str(base_dir) if base_dir else None
+        if self.base_dir:
+            _check_folder_options(options, self.base_dir)
         self.decomposers = nn.ModuleDict()
         for name in enabled:
             kwargs = dict(options.get(name, {}))
             if name in NEEDS_BASE_DIR and self.base_dir:
-                kwargs.setdefault("base_dir", self.base_dir)
+                kwargs["base_dir"] = self.base_dir
+            if name == "instances" and trust_pickle:
+                kwargs["trust_pickle"] = True
             try:
                 self.decomposers[name] = get_decomposer(name, **kwargs)
             except TypeError as error:
@@ -78,6 +109,42 @@ class DecomposerSet(nn.Module):
     @property
     def names(self) -> list[str]:
         return list(self.decomposers)
+
+    # --- a pipeline component (diffusers saves and loads it through these) -------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> None:
+        """Write this set's folder (PIPELINE/decomposers): config.yaml, copied weight files, trainable weights."""
+        from decomposers.folder import save_decomposers
+
+        save_decomposers(self, save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
+                        trust_pickle: bool = False, **_: Any) -> DecomposerSet:
+        """Load PIPELINE/decomposers (paths inside it resolve against PIPELINE). torch_dtype is ignored: the
+        decomposers are frozen feature extractors and stay in float32; the denoiser casts what it reads."""
+        from pathlib import Path
+
+        from decomposers.folder import load_decomposers
+
+        return load_decomposers(Path(pretrained_model_name_or_path) / (subfolder or ""), trust_pickle=trust_pickle)
+
+    def to(self, *args: Any, **kwargs: Any) -> DecomposerSet:
+        """Moves to a device; dtypes are ignored (see ``from_pretrained``)."""
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        return nn.Module.to(self, device) if device is not None else self
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in self.parameters():
+            return tensor.device
+        for tensor in self.buffers():
+            return tensor.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
 
     def specs(self) -> dict[str, ConditionSpec]:
         return {name: d.spec for name, d in self.decomposers.items()}

@@ -24,3 +24,27 @@ def config_from_args(args: argparse.Namespace) -> DictConfig:
 
     presets = args.config if args.config else list(getattr(args, "_default_presets", ()))
     return load_config(presets, args.overrides)
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite float (NaN and inf are refused before any work starts)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; give e.g. 3.0")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from composer.commands._common import finite_float, positive_int
 from composer.commands.segment import add_device_argument, resolve_device
 
 
@@ -18,7 +19,8 @@ def register(subparsers) -> None:
     commands = parser.add_subparsers(dest="concepts_command", metavar="{build,compose}")
     build = commands.add_parser("build", help="cluster the slots of a dataset into a concept library")
     build.add_argument("--model", required=True, help="pipeline folder trained with slots (or a slot encoder folder)")
-    build.add_argument("--shards", required=True, nargs="+", help="shard paths, globs or brace patterns")
+    build.add_argument("--shards", required=True, nargs="+", action="extend",
+                       help="shard paths, globs or brace patterns (several, or --shards repeated)")
     build.add_argument("--k", type=int, required=True, help="number of clusters (libraries)")
     build.add_argument("--out", required=True, help="output folder of the library")
     build.add_argument("--max-images", type=int, default=2000, help="encode at most this many images (default 2000)")
@@ -35,11 +37,12 @@ def register(subparsers) -> None:
     compose.add_argument("--caption", default=None, help="also condition on this caption")
     compose.add_argument("--condition", action="append", default=[], metavar="NAME=IMAGE",
                          help="also condition on representation NAME of IMAGE, e.g. palette=sunset.png (repeatable)")
-    compose.add_argument("--num-images", type=int, default=1, help="images, each from its own draw (default 1)")
-    compose.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
-    compose.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance weight (default 3)")
+    compose.add_argument("--num-images", type=positive_int, default=1, help="images, each from its own draw (default 1)")
+    compose.add_argument("--steps", type=positive_int, default=25, help="sampler steps (default 25)")
+    compose.add_argument("--guidance", "--guidance-scale", dest="guidance_scale", type=finite_float, default=3.0,
+                         help="classifier-free guidance weight w, as in generate (default 3)")
     compose.add_argument("--seed", type=int, default=0, help="image i uses seed + i for the draw and the noise")
-    compose.add_argument("--precision", default="auto", help="auto, bf16 or fp32 (default auto)")
+    compose.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="default auto")
     add_device_argument(compose)
     compose.set_defaults(func=run_compose)
     parser.set_defaults(func=lambda args: parser.print_help() or 0)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from composer.commands._common import add_config_arguments, config_from_args
+from composer.commands._common import add_config_arguments, config_from_args, positive_int
 
 # decomposers that run a pretrained model, and the option naming its weights
 WEIGHT_OPTIONS = {"caption": "pretrained", "image_embedding": "pretrained", "instances": "weights", "depth": "weights"}
@@ -24,7 +24,7 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--caption", default=None, help="caption text for the caption decomposer")
     parser.add_argument("--mask", default=None, help="mask image for masking (white = region to generate)")
-    parser.add_argument("--size", type=int, default=None, help="resize and centre-crop the image to this side first")
+    parser.add_argument("--size", type=positive_int, default=None, help="resize and centre-crop the image to this side first")
     add_config_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -32,12 +32,12 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from composer.imageio import labelled_row, load_image, save_image
+    from composer.imageio import labelled_row, load_image, load_mask, save_image
     from decomposers.set import DecomposerSet
 
     cfg = config_from_args(args)
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
-    image = load_image(args.image, args.size)
+    image = load_image(args.image, args.size, what="image")
     wanted = only if only is not None else list(cfg.decomposers.enabled)
     options = {k: dict(v) for k, v in dict(cfg.decomposers.options).items()}
     missing = [f"decomposers.options.{name}.{key}" for name, key in WEIGHT_OPTIONS.items()
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if "masking" in names:
         if args.mask is None:
             raise ValueError("masking needs --mask MASK (white = region to generate), or leave it out with --only")
-        mask = load_image(args.mask)[:, :1]
+        mask = load_mask(args.mask, what="--mask")
         if mask.shape[-2:] != image.shape[-2:]:
             mask = torch.nn.functional.interpolate(mask, size=image.shape[-2:], mode="nearest")
     captions = [args.caption] if args.caption is not None else None

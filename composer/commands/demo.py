@@ -14,6 +14,8 @@ import argparse
 import time
 from pathlib import Path
 
+from composer.commands._common import positive_int
+
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "demo-model"
 
 
@@ -21,10 +23,11 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="run the main job on the embedded default (synthetic scenes)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    parser.add_argument("--num", type=int, default=64, help="scenes to render (default 64)")
+    parser.add_argument("--num-images", "--num", dest="num", type=positive_int, default=64,
+                        help="scenes to render (default 64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="a trained pipeline folder for step 4")
-    parser.add_argument("--steps", type=int, default=25, help="sampling steps for step 4")
+    parser.add_argument("--steps", type=positive_int, default=25, help="sampling steps for step 4")
     parser.set_defaults(func=run)
 
 

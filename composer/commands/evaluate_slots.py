@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from composer.commands._common import positive_int
 from composer.commands.segment import add_device_argument, resolve_device
 
 
@@ -17,10 +18,11 @@ def register(subparsers) -> None:
         "best IoU with a slot mask), both per image and averaged over images, in percent.",
     )
     parser.add_argument("--model", required=True, help="pipeline folder trained with slots (or a slot encoder folder)")
-    parser.add_argument("--shards", required=True, nargs="+", help="shard paths, globs or brace patterns")
+    parser.add_argument("--shards", required=True, nargs="+", action="extend",
+                        help="shard paths, globs or brace patterns (several, or --shards repeated)")
     parser.add_argument("--max-images", type=int, default=1000, help="evaluate at most this many images (default 1000)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
-    parser.add_argument("--resolution", type=int, default=None,
+    parser.add_argument("--size", "--resolution", dest="resolution", type=positive_int, default=None,
                         help="side at which masks and instance maps are compared (default: the encoder's resolution)")
     parser.add_argument("--num-slots", type=int, default=None, help="slots to use (default: the trained count)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from composer.commands._common import finite_float
+
 # flag -> condition name (images or .npy files)
 IMAGE_CONDITIONS = {
     "image_embedding": "image-embedding", "palette": "palette", "sketch": "sketch", "instances": "instances",
@@ -25,7 +27,7 @@ def _add_condition_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drop-slots", default=None, metavar="I,J", help="with --slots: drop these slot indices")
     parser.add_argument("--swap-slots", default=None, metavar="IMG2:I=J",
                         help="with --slots: slot i takes slot j of IMG2 (IMG2:i or IMG2:i=j[,k=l])")
-    parser.add_argument("--guidance", type=float, default=3.0, help="guidance weight w (default 3)")
+    parser.add_argument("--guidance", type=finite_float, default=3.0, help="guidance weight w (default 3)")
     parser.add_argument("--away-from", default="", help="comma-separated conditions to guide away from (c1)")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     parser.add_argument("--scheduler", choices=("ancestral", "ddim", "ddpm", "dpm++"), default=None, help="sampler (default: the model's)")
@@ -153,24 +155,24 @@ def _run(args, image=None, mask=None, masking_image=None) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from composer.imageio import load_image
+    from composer.imageio import load_image, load_mask
 
     if (args.mask is None) != (args.masked_image is None):
         raise ValueError("--mask and --masked-image go together (white mask pixels = region to generate)")
     if args.mask is None:
         return _run(args)
-    image = load_image(args.masked_image)
-    mask = load_image(args.mask, size=None)[:, :1]
+    image = load_image(args.masked_image, what="--masked-image")
+    mask = load_mask(args.mask, what="--mask")
     if mask.shape[-2:] != image.shape[-2:]:
         raise ValueError(f"--mask is {tuple(mask.shape[-2:])} pixels but --masked-image is {tuple(image.shape[-2:])}")
     return _run(args, mask=mask, masking_image=image)
 
 
 def run_edit(args: argparse.Namespace) -> int:
-    from composer.imageio import load_image
+    from composer.imageio import load_image, load_mask
 
-    image = load_image(args.image)
-    mask = load_image(args.mask)[:, :1]
+    image = load_image(args.image, what="--image")
+    mask = load_mask(args.mask, what="--mask")
     if mask.shape[-2:] != image.shape[-2:]:
         raise ValueError(f"--mask is {tuple(mask.shape[-2:])} pixels but --image is {tuple(image.shape[-2:])}")
     return _run(args, image=image, mask=mask)

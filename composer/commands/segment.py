@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from composer.commands._common import positive_int
+
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="'auto' (a GPU when present), 'cpu' or 'cuda' (default auto)")
@@ -31,7 +33,7 @@ def register(subparsers) -> None:
     parser.add_argument("image", help="input image (PNG, JPEG, ...)")
     parser.add_argument("--model", required=True, help="pipeline folder trained with slots (or a slot encoder folder)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--size", type=int, default=None,
+    parser.add_argument("--size", type=positive_int, default=None,
                         help="resize and centre-crop the image to this side first (default: the encoder's resolution)")
     parser.add_argument("--num-slots", type=int, default=None, help="slots to use (default: the trained count)")
     parser.add_argument("--alpha", type=float, default=0.55, help="tint strength of the overlay in [0, 1] (default 0.55)")

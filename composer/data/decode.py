@@ -24,7 +24,14 @@ class SampleError(Exception):
         self.reason = reason
 
 
-def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+def _open_checked(data: bytes, max_pixels: int, min_side: int | None = None) -> Image.Image:
+    """The decoded image, its declared pixel count checked against ``max_pixels`` before any decoding.
+
+    With ``min_side`` (the shorter side the caller will resize to), a JPEG is decoded at a reduced scale
+    (``Image.draft``: 1/2, 1/4 or 1/8, never below ``min_side``) and the budget applies to that size; other
+    formats are decoded whole (the budget applies to the declared size) and then ``reduce``d by an integer
+    factor (to no less than twice ``min_side``), so a small file that declares a large image costs little memory either way.
+    """
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
     except Image.DecompressionBombError:
@@ -32,8 +39,17 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     except Exception as error:
         raise SampleError("corrupt", f"unreadable image header ({type(error).__name__})") from None
     width, height = image.size
-    if width <= 0 or height <= 0 or width * height > max_pixels:
-        raise SampleError("too_large", f"{width}x{height} exceeds {max_pixels} pixels")
+    if width <= 0 or height <= 0:
+        raise SampleError("corrupt", f"declares an empty size {width}x{height}")
+    if min_side and min_side > 0 and image.format == "JPEG" and min(width, height) >= 2 * min_side:
+        scale = min(width, height) / min_side
+        try:
+            image.draft(None, (max(1, int(width / scale)), max(1, int(height / scale))))
+        except Exception as error:
+            raise SampleError("corrupt", f"unreadable JPEG header ({type(error).__name__})") from None
+        width, height = image.size  # the size the decoder will produce
+    if width * height > max_pixels:
+        raise SampleError("too_large", f"{width}x{height} exceeds the budget of {max_pixels} pixels")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -42,17 +58,27 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
         raise SampleError("too_large", "larger than Pillow's decompression-bomb limit") from None
     except Exception as error:
         raise SampleError("corrupt", f"truncated or undecodable image ({type(error).__name__})") from None
+    if min_side and min_side > 0:
+        factor = min(width, height) // (2 * min_side)  # keep 2x: the caller's antialiased resize does the rest
+        if factor >= 2 and image.mode not in ("P", "PA", "1"):  # reduce needs a continuous-valued mode
+            try:
+                image = image.reduce(factor)
+            except (ValueError, NotImplementedError):
+                pass  # a mode reduce does not support: keep the full-size image
     return image
 
 
-def decode_rgb(data: bytes, max_pixels: int) -> torch.Tensor:
+def decode_rgb(data: bytes, max_pixels: int, min_side: int | None = None) -> torch.Tensor:
     """(3, H, W) float32 in [0, 1] from encoded image bytes of any common mode.
+
+    ``min_side``: the shorter side the caller will resize to; the image is shrunk while decoding (never
+    below it) where the format allows (see ``_open_checked``).
 
     Grayscale is replicated; 16-bit and 32-bit integer or float images are scaled by their type's range;
     palette images are expanded; CMYK is converted; transparency (RGBA, LA, palette with transparency) is
     composited over white, the usual convention for web images with transparent backgrounds.
     """
-    image = _open_checked(data, max_pixels)
+    image = _open_checked(data, max_pixels, min_side)
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(image).astype(np.float32)
@@ -80,6 +106,36 @@ def decode_map(data: bytes, max_pixels: int) -> np.ndarray:
     if array.ndim == 3:
         array = array[..., 0]
     return array
+
+
+def decode_mask(data: bytes, max_pixels: int) -> torch.Tensor:
+    """(1, H, W) float32 in {0, 1}: 1 = the region to generate.
+
+    With an alpha channel (RGBA, LA, palette transparency) that varies, and one colour over every visible
+    pixel (an opaque square of any colour on a transparent background), the alpha is the mask. Otherwise the
+    image is composited over black and its grey level is the mask. Either is thresholded at 0.5.
+    """
+    image = _open_checked(data, max_pixels)
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("LA", "La", "PA", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        array = np.asarray(image)
+        alpha, colour = array[..., 3], array[..., :3]
+        visible = colour[alpha > 0]
+        if alpha.min() != alpha.max() and (len(visible) == 0 or (visible == visible[0]).all()):
+            grey = alpha.astype(np.float32) / 255.0
+        else:
+            black = Image.new("RGBA", image.size, (0, 0, 0, 255))
+            grey = np.asarray(Image.alpha_composite(black, image).convert("L"), dtype=np.float32) / 255.0
+    elif image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        grey = np.asarray(image).astype(np.float32)
+        scale = 65535.0 if image.mode.startswith("I;16") or (image.mode == "I" and grey.max() > 255) else 255.0
+        grey = grey / scale if image.mode != "F" else grey
+    else:
+        grey = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    return torch.from_numpy((grey > 0.5).astype(np.float32))[None]
 
 
 def decode_npy(data: bytes) -> np.ndarray:
