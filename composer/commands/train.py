@@ -11,24 +11,39 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "train", help="train the 64 px base model on webdataset shards (accelerate-aware)",
         description="Train with the resolved config (typed defaults <- --config presets <- --set overrides). "
-        "Multi-process: accelerate launch [--multi_gpu --num_processes N] -m composer train --config ...",
+        "Multi-process: accelerate launch [--multi_gpu --num_processes N] -m composer train --config ... "
+        "One trainer per output_dir (output_dir/train.lock); an output_dir that holds a run is continued with "
+        "--resume auto or replaced with --overwrite, never silently. Every checkpoint carries a manifest of "
+        "checksums; --resume auto takes the newest one that verifies and says which it skipped.",
     )
     add_config_arguments(parser, default_presets=("train/tiny",))
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
-                        help="continue from the latest checkpoint in output_dir ('auto') or a checkpoint folder")
+                        help="continue from the newest checkpoint in output_dir that verifies ('auto'; skipped "
+                        "ones are named with the reason), or from a checkpoint folder (which must verify)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a fresh run even though output_dir holds one: its checkpoints, losses.csv, "
+                        "pipeline/, samples/ and tensorboard/ are deleted first (same as --set train.overwrite=true)")
     parser.add_argument("--output-dir", default=None, help="shortcut for --set output_dir=DIR")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from composer.train.loop import train
+    from composer.train.rundir import RunError
 
     cfg = config_from_args(args)
     if args.resume is not None:
         cfg.train.resume = args.resume
     if args.output_dir is not None:
         cfg.output_dir = args.output_dir
-    summary = train(cfg)
+    if args.overwrite:
+        cfg.train.overwrite = True
+    try:
+        summary = train(cfg)
+    except RunError as error:
+        if error.quiet:  # another rank under accelerate: the main process says why, once
+            return 2
+        raise
     print(f"trained to {summary['images_seen']} images ({summary['step']} steps, last loss {summary['last_loss']:.4f}, "
           f"{summary['skipped_steps']} skipped steps); EMA pipeline: {summary['pipeline']}")
     return 0

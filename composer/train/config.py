@@ -43,4 +43,7 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True  # tqdm progress bar on the main process
     init_from: str | None = None  # warm start: weights of a checkpoint or pipeline folder (new tensors stay fresh)
-    resume: str | None = None  # a checkpoint folder, or "auto" for the latest in output_dir
+    resume: str | None = None  # a checkpoint folder, or "auto" for the newest in output_dir that verifies
+    # Start a fresh run in an output_dir that holds one (its checkpoints, losses.csv, pipeline/, samples/ and
+    # tensorboard/ are removed first); without it such a start is refused. Never recorded in config.yaml.
+    overwrite: bool = False

@@ -1,10 +1,12 @@
 """What a person watching a run sees: a tqdm bar (images/s, loss) and TensorBoard scalars.
 
-Only the main process writes. Scalars are averaged over a logging window of optimizer steps:
+Only the main process writes. Scalars are averaged over a logging window of optimizer steps, and over
+all processes when an accelerator is given (``flush`` is then a collective: every rank calls it):
 
-    train/loss, train/lr, train/grad_norm, train/images_per_second, train/skipped_steps
+    train/loss (mean over every process's micro-batches), train/lr, train/grad_norm,
+    train/images_per_second, train/skipped_steps
     time/data, time/decompose, time/model        seconds per micro-batch, split by stage
-    data/skipped/<reason>                         samples the loader skipped (all processes)
+    data/skipped/<reason>                         samples the loader skipped (summed over all processes)
     dropout/drop_frequency/<condition>            observed fraction of samples that dropped it
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -22,8 +24,9 @@ class Monitor:
     """Collects per-micro-batch figures and flushes window averages to the bar and TensorBoard."""
 
     def __init__(self, log_dir: str | Path | None, *, enabled: bool, progress: bool, total_images: int,
-                 initial_images: int):
+                 initial_images: int, accelerator=None):
         self.enabled = enabled
+        self.accelerator = accelerator if accelerator is not None and accelerator.num_processes > 1 else None
         self.writer = None
         if enabled and log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -77,8 +80,15 @@ class Monitor:
             "train/skipped_steps": float(skipped_steps),
             "train/step": float(step),
         }
-        if self.losses:
-            scalars["train/loss"] = sum(self.losses) / len(self.losses)
+        loss_sum, loss_count = sum(self.losses), len(self.losses)
+        if self.accelerator is not None:
+            totals = self.accelerator.reduce(
+                torch.tensor([loss_sum, float(loss_count)], dtype=torch.float64, device=self.accelerator.device),
+                reduction="sum").cpu()
+            loss_sum, loss_count = float(totals[0]), int(totals[1])
+            loader_skipped = self.sum_over_processes(loader_skipped)
+        if loss_count:
+            scalars["train/loss"] = loss_sum / loss_count
         if self.grad_norms:
             scalars["train/grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
         for name, seconds in self.times.items():
@@ -94,6 +104,17 @@ class Monitor:
             self.writer.flush()
         self._reset(now, images_seen)
         return scalars
+
+    def sum_over_processes(self, counts: dict[str, int]) -> dict[str, int]:
+        """``counts`` (e.g. the loader's skips by reason) summed over all processes (a collective)."""
+        if self.accelerator is None:
+            return dict(counts)
+        from accelerate.utils import gather_object
+
+        total: Counter = Counter()
+        for part in gather_object([dict(counts)]):
+            total.update(part)
+        return dict(total)
 
     def add_image(self, tag: str, image: torch.Tensor, images_seen: int) -> None:
         """image: (3, H, W) float in [0, 1]."""

@@ -5,7 +5,11 @@ A checkpoint folder (see checkpoint.py for the atomic store) contains:
     model.safetensors, optimizer.bin, scheduler.bin, random_states_<rank>.pkl   accelerate.save_state
     ema.safetensors                                                           EMA weights
     data_state_<rank>.json                                                    each rank's data position
-    training_state.json                                                       written last: TrainingState
+    training_state.json                                                       TrainingState
+    manifest.json                                                             written last: size + sha256 of each file
+
+A checkpoint is written only when the weights are finite, and a failed write (a full disk) removes the
+partial checkpoint and stops the run with one line, leaving the previous checkpoints as they were.
 
 accelerate reads its .bin/.pkl files back with ``torch.load(weights_only=True)``; our own files are
 safetensors and JSON, so nothing in a checkpoint is unpickled.
@@ -13,16 +17,27 @@ safetensors and JSON, so nothing in a checkpoint is unpickled.
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from composer.train.checkpoint import STATE_FILE, CheckpointStore, fsync_dir, write_text_atomic
+from composer.train.checkpoint import (
+    STATE_FILE,
+    CheckpointStore,
+    fsync_dir,
+    recover_directory,
+    write_text_atomic,
+)
 from composer.train.ema import EMA
+from composer.train.rundir import RunError, any_rank, first_nonfinite
 
 EMA_FILE = "ema.safetensors"
 
@@ -79,24 +94,81 @@ def save_checkpoint(
     state: TrainingState,
     ema: EMA,
     data_state: dict[str, Any],
+    model: torch.nn.Module | None = None,
 ) -> Path:
-    """Write a complete checkpoint at ``state.images_seen`` (collective: every rank must call it)."""
+    """Write a complete checkpoint at ``state.images_seen`` (collective: every rank must call it).
+
+    Raises RunError on every rank (quiet on all but the main process) instead of writing when ``model``'s
+    or the EMA's weights are not finite, and when a write fails (the partial checkpoint is removed)."""
+    main = accelerator.is_main_process
+    bad = first_nonfinite(model.state_dict()) if model is not None else None
+    if bad is None and (name := first_nonfinite(ema.shadow)) is not None:
+        bad = f"EMA {name}"
+    if any_rank(accelerator, bad is not None):
+        last = store.newest_verified() if main else None
+        raise RunError(
+            f"the weights are not finite at step {state.step} ({state.images_seen} images; "
+            f"{bad or 'on another process'}): stopped without writing a checkpoint; the last good one is "
+            f"{last or 'none'}: resume from it (--resume auto) with a lower train.lr or train.grad_clip",
+            quiet=not main)
     staging = store.staging_path(state.images_seen)
-    if accelerator.is_main_process:
-        store.staging(state.images_seen)  # fresh and empty
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging), safe_serialization=True)
     rank = accelerator.process_index
-    (staging / data_state_file(rank)).write_text(json.dumps(data_state, sort_keys=True))
-    if accelerator.is_main_process:
-        save_file(ema.state_dict(), str(staging / EMA_FILE))
-    accelerator.wait_for_everyone()
     final = store.root / f"checkpoint-{state.images_seen:012d}"
-    if accelerator.is_main_process:
-        (staging / STATE_FILE).write_text(state.to_json())
-        final = store.commit(staging, state.images_seen)
-    accelerator.wait_for_everyone()
+    for phase in ("staging", "state", "commit"):
+        error = None
+        try:
+            if phase == "staging" and main:
+                store.staging(state.images_seen)  # fresh and empty
+            elif phase == "state":
+                accelerator.save_state(str(staging), safe_serialization=True)
+                (staging / data_state_file(rank)).write_text(json.dumps(data_state, sort_keys=True))
+                if main:
+                    save_file(ema.state_dict(), str(staging / EMA_FILE))
+            elif phase == "commit" and main:
+                (staging / STATE_FILE).write_text(state.to_json())
+                final = store.commit(staging, state.images_seen)  # writes the manifest last, then renames
+        except OSError as exc:
+            error = exc
+        if any_rank(accelerator, error is not None):  # also the barrier between the phases
+            _stop_after_failed_write(accelerator, store, staging, state, error)
     return final
+
+
+def _stop_after_failed_write(accelerator: Accelerator, store: CheckpointStore, staging: Path, state: TrainingState,
+                             error: OSError | None) -> None:
+    main = accelerator.is_main_process
+    previous = None
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+        previous = store.newest_verified() or store.latest()
+    kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+    if error is not None and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = f"the disk is full ({error.strerror}: {error.filename or store.root})"
+        fix = "free space, then continue with --resume auto"
+    elif error is not None:
+        what = f"{type(error).__name__}: {' '.join(str(error).split())}"
+        fix = "fix that, then continue with --resume auto"
+    else:
+        what = "a write failed on another process"
+        fix = "see that process's error, then continue with --resume auto"
+    raise RunError(f"could not write the checkpoint at {state.images_seen} images: {what}; removed the partial "
+                   f"checkpoint, {kept}; {fix}", quiet=not main) from error
+
+
+@contextmanager
+def stop_on_failed_write(what: str, final: Path, store: CheckpointStore):
+    """Turn an OSError while publishing ``what`` (the folder ``final``, see checkpoint.publish_directory) into
+    one line (RunError) after removing the half-written copy; the previous ``final`` is left in place."""
+    try:
+        yield
+    except OSError as error:
+        recover_directory(final)  # drops final.tmp-* and puts final.old back if the swap was cut
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            why, fix = f"the disk is full ({error.strerror})", "free space, then continue with --resume auto"
+        else:
+            why, fix = f"{type(error).__name__}: {' '.join(str(error).split())}", "fix that, then --resume auto"
+        raise RunError(f"could not write {what} {final}: {why}; removed the partial copy, the previous one is "
+                       f"intact and so is the checkpoint {store.latest()}; {fix}") from error
 
 
 def load_checkpoint(
