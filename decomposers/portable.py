@@ -47,7 +47,9 @@ def _free_name(files: Path, name: str, source: Path | None = None) -> Path:
     return target
 
 
-def _place(name: str, key: str, source: Path, files: Path) -> Path:
+def place_file(name: str, key: str, source: Path, files: Path) -> Path:
+    """Put the file or folder ``source`` (option ``key`` of decomposer ``name``) into ``files`` pickle-free;
+    returns where it went."""
     files.mkdir(parents=True, exist_ok=True)
     if source.is_dir():
         target = _free_name(files, source.name)
@@ -100,6 +102,6 @@ def portable_options(config: Mapping[str, Any], decomposer_dir: str | Path) -> d
             if folder.resolve() in path.parents and path.suffix not in PICKLE_SUFFIXES:
                 options[key] = str(path.relative_to(folder.resolve()))  # already inside the folder
                 continue
-            target = _place(name, key, path, files)
+            target = place_file(name, key, path, files)
             options[key] = str(target.relative_to(folder))
     return config

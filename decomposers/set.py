@@ -15,7 +15,7 @@ from decomposers.paths import folder_path
 from decomposers.registry import get_decomposer, list_decomposers
 
 # Option keys that name files; in a pipeline folder each must stay inside it (see decomposers.paths).
-FILE_OPTIONS = ("pretrained", "model_config_file", "weights")
+FILE_OPTIONS = ("pretrained", "model_config_file", "weights", "model")
 # Options that only the person running a command may set, never a pipeline folder's config.yaml.
 RUN_ONLY_OPTIONS = ("trust_pickle",)
 # Batch extras a decomposer reads (precomputed ground truth replaces the model when present).

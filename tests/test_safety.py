@@ -66,8 +66,7 @@ def pipeline_folder(tmp_path) -> Path:
     torch.manual_seed(0)
     unet = ComposerUNet(**model_kwargs("tiny", tiny, decomposers.specs()))
     folder = tmp_path / "model"
-    ComposerPipeline(unet, DDPMScheduler(beta_schedule="squaredcos_cap_v2"), decomposers,
-                     {"enabled": names, "options": {}}).save_pretrained(folder)
+    ComposerPipeline(unet, DDPMScheduler(beta_schedule="squaredcos_cap_v2"), decomposers).save_pretrained(folder)
     from skimage import data
 
     Image.fromarray(data.astronaut()[::8, ::8].copy()).save(tmp_path / "photo.png")  # 64 x 64
@@ -195,14 +194,23 @@ def test_a_symlink_inside_the_folder_is_followed(tmp_path):
 
 
 def test_a_missing_folder_file_is_not_taken_from_the_working_directory(tmp_path, monkeypatch):
+    """The old resolver fell back to the working directory: a folder could load files from wherever it ran."""
+    import open_clip
+    from safetensors.torch import save_file
+
     folder, elsewhere = tmp_path / "folder", tmp_path / "cwd"
     (folder / "decomposers" / "files").mkdir(parents=True)
-    (elsewhere / "decomposers" / "files").mkdir(parents=True)
-    (elsewhere / "decomposers" / "files" / "clip.json").write_text("{}")
+    files = elsewhere / "decomposers" / "files"
+    files.mkdir(parents=True)
+    config = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 1, "width": 16, "patch_size": 8, "head_width": 8},
+              "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    (files / "cwd-clip.json").write_text(json.dumps(config))
+    open_clip.add_model_config(files / "cwd-clip.json")
+    save_file(open_clip.create_model("cwd-clip", pretrained=None).state_dict(), files / "cwd-clip.safetensors")
     monkeypatch.chdir(elsewhere)
     with pytest.raises(FileNotFoundError, match="model_config_file"):
-        DecomposerSet(["caption"], {"caption": {"model_name": "x", "pretrained": "decomposers/files/clip.safetensors",
-                                                "model_config_file": "decomposers/files/clip.json"}}, base_dir=folder)
+        DecomposerSet(["caption"], {"caption": {"model_name": "cwd-clip", "pretrained": "decomposers/files/cwd-clip.safetensors",
+                                                "model_config_file": "decomposers/files/cwd-clip.json"}}, base_dir=folder)
 
 
 # --- 3. open_clip from the Hugging Face cache --------------------------------------------------------
@@ -301,7 +309,8 @@ def test_impossible_numbers_are_refused_before_work(argv, tmp_path, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert not (tmp_path / "out").exists()
-    assert "must be at least 1" in capsys.readouterr().err or True
+    flag = "--size" if "--size" in argv else "--guidance"
+    assert f"argument {flag}" in capsys.readouterr().err
 
 
 def test_unreadable_images_are_one_line(tmp_path, capsys):
