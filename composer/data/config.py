@@ -18,6 +18,9 @@ class DataConfig:
     shuffle_buffer: int = 256  # sample shuffle buffer (0 disables)
     max_image_pixels: int = 64_000_000  # larger images are skipped as decompression bombs
     extras: list[str] = field(default_factory=list)  # extra members to read, e.g. ["instances", "depth", "classes"]
+    # the stream stops with an error naming the shards and the skip reasons after this many skipped samples in
+    # a row (or a whole pass without one usable sample), instead of streaming forever; 0 checks whole passes only
+    max_consecutive_skips: int = 1000
 
 
 @dataclass

@@ -19,14 +19,22 @@ Data position. Every batch carries, per worker, how many raw samples that worker
 shuffle buffer so far. ``state_dict()`` returns those counts for the batches *consumed*; a loader made with
 ``state=`` skips exactly that many raw samples per worker before decoding anything, so a resumed run sees
 the same batches the uninterrupted run would have seen (with the same number of workers).
+
+No silent hang. A stream that streams forever stops with a ``DataStreamError`` (a ValueError: one line naming
+the shards, the skip counts by reason and the fix) when one worker's whole pass over its shards yields no
+usable sample, or after ``data.max_consecutive_skips`` skipped samples in a row; a finite stream raises it when
+it yields no batch at all. Loader workers are killed when their parent process dies (Linux).
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import itertools
 import os
 import re
+import signal
+import sys
 from collections import Counter, deque
 from collections.abc import Iterator
 from typing import Any
@@ -41,6 +49,63 @@ from composer.data.decode import SampleError, decode_map, decode_npy, decode_rgb
 
 INTEGER_MAPS = ("instances", "classes")
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class DataStreamError(ValueError):
+    """The stream cannot produce batches (every sample skipped); the message is one line with the fix."""
+
+
+class _MissingMember(SampleError):
+    def __init__(self, key: str, name: str):
+        super().__init__("missing_member", f"sample {key} has no {name}.png/.npy")
+        self.member = name
+
+
+def _die_with_parent(parent: int, worker_id: int) -> None:
+    """worker_init_fn: a loader worker gets SIGKILL when the process that started it dies."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl in this libc: the parent check below still runs
+            pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _fix_for(reason: str, missing: dict[str, int], cfg: DataConfig, shards_key: str) -> str:
+    if reason == "missing_member":
+        name = max(missing, key=missing.get) if missing else "?"
+        source = "instances" if name == "classes" else name
+        return (f"samples lack KEY.{name}.png/.npy: precompute it (composer-diffusion precompute --only {source}) "
+                f"or remove {name} from data.extras (data.extras=[] reads no extra members)")
+    if reason == "missing_image":
+        return "samples have no image member (KEY.jpg/.png/.webp): check the shards' layout (KEY.jpg + KEY.txt)"
+    if reason == "too_large":
+        return (f"images exceed data.max_image_pixels={cfg.max_image_pixels}: raise it or store smaller images")
+    if reason == "corrupt_shard":
+        return f"the shards are not readable tar files: check {shards_key} and rewrite the broken shards"
+    if reason == "corrupt":
+        return ("images or members do not decode: check the shards (open a few members) and rewrite them "
+                "(composer-diffusion shards / scenes)")
+    return f"check {shards_key} and the shards' members"
+
+
+def _stream_error(what: str, shards: list[str], counts: dict[str, int], missing: dict[str, int], cfg: DataConfig,
+                  shards_key: str, consecutive: bool = False) -> str:
+    shown = ", ".join(shards[:3]) + (", ..." if len(shards) > 3 else "")
+    where = f"{len(shards)} shard{'s' if len(shards) != 1 else ''} ({shown})"
+    counts = {k: v for k, v in counts.items() if v}
+    if not counts:
+        return f"{what} {where}: they hold no samples; check {shards_key}"
+    skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items(), key=lambda kv: -kv[1]))
+    reason = max(counts, key=counts.get)
+    fix = _fix_for(reason, missing, cfg, shards_key)
+    if consecutive:
+        fix += f" (data.max_consecutive_skips={cfg.max_consecutive_skips} allows longer runs of bad samples)"
+    return f"{what} {where}; skipped {skipped}; {fix}"
 
 
 def expand_shards(patterns: list[str] | str) -> list[str]:
@@ -62,16 +127,16 @@ def expand_shards(patterns: list[str] | str) -> list[str]:
     return [u for u in urls if not (u in seen or seen.add(u))]
 
 
-def _check_shards(urls: list[str], patterns: Any) -> None:
+def _check_shards(urls: list[str], patterns: Any, key: str = "data.shards") -> None:
     if not urls:
         raise ValueError(
-            f"no shards match {list(patterns) if not isinstance(patterns, str) else patterns}; set data.shards "
+            f"no shards match {list(patterns) if not isinstance(patterns, str) else patterns}; set {key} "
             "to tar paths, globs or brace patterns (make some with `composer-diffusion scenes --out DIR`)"
         )
     missing = [u for u in urls if not _SCHEME.match(u) and not os.path.exists(u)]
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} of {len(urls)} shards do not exist (first: {missing[0]}); check data.shards"
+            f"{len(missing)} of {len(urls)} shards do not exist (first: {missing[0]}); check {key}"
         )
 
 
@@ -88,10 +153,12 @@ class ShardStream(IterableDataset):
         world_size: int,
         epochs: int | None,
         start_positions: dict[int, int] | None = None,
+        shards_key: str = "data.shards",
     ):
         super().__init__()
         self.urls, self.cfg, self.seed, self.rank, self.world_size = urls, cfg, seed, rank, world_size
         self.epochs = epochs
+        self.shards_key = shards_key
         self.start_positions = dict(start_positions or {})
 
     def epoch_shards(self, epoch: int, worker: int, num_workers: int) -> list[str]:
@@ -105,9 +172,12 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         counters: Counter = Counter()
+        missing: Counter = Counter()  # extra member -> samples that lack it
         drawn = 0
         skip = self.start_positions.get(worker, 0)
         items: list[dict[str, Any]] = []
+        limit = max(0, int(self.cfg.max_consecutive_skips))
+        consecutive = 0
 
         def flush() -> dict[str, Any]:
             batch = _collate(items)
@@ -115,25 +185,43 @@ class ShardStream(IterableDataset):
             items.clear()
             return batch
 
+        def failure(what: str, shards: list[str], by_count: bool = False) -> dict[str, Any]:
+            message = _stream_error(what, shards, dict(counters), dict(missing), self.cfg, self.shards_key, by_count)
+            return {"_error": message, "_worker": worker, "_position": drawn, "_skipped": dict(counters)}
+
         epochs = itertools.count() if self.epochs is None else range(self.epochs)
         for epoch in epochs:
             shards = self.epoch_shards(epoch, worker, num_workers)
             if not shards:
                 break
+            usable, resumed = 0, False
             for sample in self._shuffled(self._raw_samples(shards, counters), epoch, worker):
                 drawn += 1
                 if drawn <= skip:
+                    resumed = True
                     continue  # resuming: this sample was consumed before the checkpoint
                 try:
                     items.append(self._decode(sample, drawn, worker))
                 except SampleError as error:
                     counters[error.reason] += 1
+                    if isinstance(error, _MissingMember):
+                        missing[error.member] += 1
+                    consecutive += 1
+                    if limit and consecutive >= limit:
+                        yield failure(f"{consecutive} samples in a row were skipped in", sorted(shards), True)
+                        return
                     continue
+                usable += 1
+                consecutive = 0
                 if len(items) == self.cfg.batch_size:
                     yield flush()
+            if self.epochs is None and not usable and not resumed:  # streaming forever would yield nothing
+                yield failure("no usable sample in a whole pass over", sorted(shards))
+                return
         if items:
             yield flush()
-        yield {"_stats_only": True, "_worker": worker, "_position": drawn, "_skipped": dict(counters)}
+        yield {"_stats_only": True, "_worker": worker, "_position": drawn, "_skipped": dict(counters),
+               "_missing": dict(missing)}
 
     def _raw_samples(self, shards: list[str], counters: Counter) -> Iterator[dict[str, Any]]:
         from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
@@ -196,7 +284,7 @@ class ShardStream(IterableDataset):
             if name not in INTEGER_MAPS:  # a quantised float map (depth): back to [0, 1]
                 array = array.astype(np.float32) / (65535.0 if array.dtype == np.uint16 else 255.0)
         else:
-            raise SampleError("missing_member", f"sample {sample.get('__key__')} has no {name}.png/.npy")
+            raise _MissingMember(str(sample.get("__key__")), name)
         if array.ndim == 2:
             array = array[None]
         if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
@@ -261,13 +349,29 @@ class Loader:
             num_workers=self.num_workers,
             persistent_workers=False,
             prefetch_factor=2 if self.num_workers else None,
+            worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if self.num_workers else None,
         )
         # Batches are re-sequenced strictly round-robin over the workers that still have data, starting
         # from the worker due next; this makes the order independent of where a resumed run starts.
         workers = max(1, self.num_workers)
         queues: dict[int, deque] = {w: deque() for w in range(workers)}
         done: set[int] = set()
-        for item in loader:
+        missing: Counter = Counter()
+        items = iter(loader)
+        try:
+            yield from self._sequence(items, queues, done, workers, missing)
+        finally:  # stop the workers now, also when the stream fails (the traceback would keep them alive)
+            shutdown = getattr(items, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        self._next_worker = 0
+
+    def _sequence(self, items, queues, done, workers, missing) -> Iterator[dict[str, Any]]:
+        yielded = 0
+        for item in items:
+            if "_error" in item:
+                self._skipped[item["_worker"]] = item["_skipped"]
+                raise DataStreamError(item["_error"])
             queues[item["_worker"]].append(item)
             while len(done) < workers:
                 worker = self._next_worker
@@ -280,12 +384,17 @@ class Loader:
                 self._positions[worker] = batch.pop("_position")
                 self._skipped[worker] = batch.pop("_skipped")
                 batch.pop("_worker")
+                missing.update(batch.pop("_missing", {}))
                 if batch.pop("_stats_only", False):
                     done.add(worker)
                     continue
                 self._next_worker = (worker + 1) % workers
+                yielded += 1
                 yield batch
-        self._next_worker = 0
+        if not yielded and not any(self.dataset.start_positions.values()):
+            ds = self.dataset
+            raise DataStreamError(_stream_error("no usable sample in", list(ds.urls), self.skipped(), dict(missing),
+                                                ds.cfg, ds.shards_key))
 
     def skipped(self) -> dict[str, int]:
         """Samples skipped so far, by reason (summed over workers)."""
@@ -309,19 +418,22 @@ def make_loader(
     world_size: int | None = None,
     epochs: int | None = None,
     state: dict[str, Any] | None = None,
+    shards_key: str = "data.shards",
 ) -> Loader:
     """A Loader over ``cfg.shards`` for this process (rank of world_size; torch.distributed by default).
 
     epochs=None streams forever (reshuffling shards each epoch). state: a ``Loader.state_dict()`` to
-    resume from (the same seed, world size and number of workers are required).
+    resume from (the same seed, world size and number of workers are required). shards_key: the setting
+    that errors name for the shard list (e.g. "train.sample_shards" for a held-out set).
     """
     if rank is None or world_size is None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         else:
             rank, world_size = 0, 1
-    urls = expand_shards(list(cfg.shards))
-    _check_shards(urls, cfg.shards)
+    shards = [cfg.shards] if isinstance(cfg.shards, str) else list(cfg.shards)
+    urls = expand_shards(shards)
+    _check_shards(urls, shards, shards_key)
     workers = max(1, cfg.num_workers)
     if len(urls) < world_size * workers:
         raise ValueError(
@@ -340,7 +452,9 @@ def make_loader(
                 f"(saved: {state.get('num_workers')} workers x {state.get('world_size')} processes)"
             )
         positions = {int(k): int(v) for k, v in state.get("positions", {}).items()}
+    if cfg.batch_size < 1:
+        raise ValueError(f"data.batch_size must be at least 1, got {cfg.batch_size}")
     dataset = ShardStream(urls, cfg, seed=seed, rank=rank, world_size=world_size, epochs=epochs,
-                          start_positions=positions)
+                          start_positions=positions, shards_key=shards_key)
     dataset.next_worker = int(state.get("next_worker", 0)) if state else 0
     return Loader(dataset, cfg.num_workers)
