@@ -91,6 +91,15 @@ def test_pruning_never_deletes_the_newest_verified_checkpoint(tmp_path):
     _write_checkpoint(store, 16)
     assert [p.name[-2:] for _, p in store.complete()] == ["16", "24"]  # 8 pruned, 16 kept beside the broken 24
     assert store.newest_verified().name.endswith("16")
+    # a broken checkpoint skipped on resume does not count towards keep; once older than a good one it goes
+    store = CheckpointStore(tmp_path / "resumed", keep=2)
+    for images in (8, 12):
+        _write_checkpoint(store, images)
+    _corrupt_same_size(store.root / "checkpoint-000000000012" / "model.safetensors")
+    store = CheckpointStore(store.root, keep=2)
+    assert resolve_resume("auto", store, say=lambda line: None).name.endswith("08")
+    _write_checkpoint(store, 16)
+    assert [p.name[-2:] for _, p in store.complete()] == ["08", "16"]
 
 
 def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):

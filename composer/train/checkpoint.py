@@ -253,14 +253,19 @@ class CheckpointStore:
         return final
 
     def prune(self) -> None:
-        """Keep only the newest ``keep`` complete checkpoints, and always the newest one that verifies."""
+        """Keep the newest ``keep`` complete checkpoints not known to be broken, and always the newest one that
+        verifies; broken ones (found so by ``check``) older than that one are removed, newer ones are left for
+        a commit at their position to replace."""
         found = self.complete()
-        doomed = [path for _images, path in found[: max(0, len(found) - self.keep)]]
-        if doomed:
-            keeper = self.newest_verified()
-            for path in doomed:
-                if path != keeper:
-                    self._discard(path)
+        keeper = self.newest_verified() if len(found) > self.keep or self.rejected else None
+        good = [(images, path) for images, path in found if _key(path) not in self.rejected]
+        doomed = [path for _images, path in good[: max(0, len(good) - self.keep)]]
+        if keeper is not None:
+            limit = int(_NAME.match(keeper.name).group(1))
+            doomed += [path for images, path in found if _key(path) in self.rejected and images < limit]
+        for path in doomed:
+            if path != keeper:
+                self._discard(path)
 
     def _discard(self, path: Path) -> None:
         self.verified.discard(_key(path))

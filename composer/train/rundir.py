@@ -31,7 +31,14 @@ from typing import Any
 
 import torch
 
-from composer.train.checkpoint import STATE_FILE, CheckpointStore, resume_candidates, wants_resume
+from composer.train.checkpoint import (
+    LEGACY,
+    MANIFEST_FILE,
+    STATE_FILE,
+    CheckpointStore,
+    resume_candidates,
+    wants_resume,
+)
 
 LOCK_FILE = "train.lock"
 RUN_FILES = ("config.yaml", "losses.csv", "run_summary.json", "pipeline", "checkpoints", "samples", "tensorboard")
@@ -317,13 +324,18 @@ def _check(run: Run, out: Path, *, resume, overwrite: bool, expected) -> dict[st
     paths, fallback = resume_candidates(resume, run.store)
     if not paths:
         return {}  # --resume auto without a checkpoint: a fresh start (losses.csv is restarted)
-    chosen, run.rest = run.store.first_good(paths if fallback else paths[:1], say=run.say)
-    if chosen is None:
-        if fallback:
+    if fallback:
+        chosen, run.rest = run.store.first_good(paths, say=run.say)
+        if chosen is None:
             return {"error": f"--resume {resume}: none of the {len(paths)} checkpoints in {paths[0].parent} "
                              "verifies (see above); restore one from a backup, or start over with --overwrite"}
-        return {"error": f"--resume {resume}: {paths[0]} fails verification ({run.store.check(paths[0])}); use "
-                         "--resume auto to take the newest checkpoint that verifies"}
+    else:  # one checkpoint named by the user: it verifies, or the run does not start
+        chosen, reason = paths[0], run.store.check(paths[0])
+        if reason == LEGACY:
+            run.say(f"{chosen} has no {MANIFEST_FILE} ({LEGACY}): resuming it without verification")
+        elif reason is not None:
+            return {"error": f"--resume {resume}: {chosen} fails verification ({reason}); use --resume auto to "
+                             "take the newest checkpoint that verifies"}
     from composer.train.state import TrainingState
 
     try:
