@@ -76,10 +76,36 @@ def load_config(
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-4)")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            cfg = _merge_override(cfg, item)
         except (OmegaConfBaseException, YAMLError) as error:
             raise ValueError(f"override {item!r} does not fit the schema: {_one_line(error)}") from None
     return cfg
+
+
+def _merge_override(cfg: DictConfig, item: str) -> DictConfig:
+    """Merge one ``key=value``. A plain string given for a list field (``data.shards=/x.tar``) becomes a
+    one-element list, and a value that is not valid YAML but is meant as text (a glob ``*.tar``, a brace
+    pattern ``{a,b}.tar``) is taken as the string it is."""
+    key, raw = (part.strip() for part in item.split("=", 1))
+    try:
+        override = OmegaConf.from_dotlist([item])
+    except YAMLError as error:
+        override, value, first = None, raw, error
+    else:
+        value = OmegaConf.select(override, key, default=None)
+        try:
+            return OmegaConf.merge(cfg, override)
+        except OmegaConfBaseException as error:
+            first = error
+    if isinstance(value, str) and not value.startswith("["):  # "[..." is a list with a typo, not text
+        for candidate in ([value],) if override is not None else (value, [value]):
+            wrapped = OmegaConf.create({})
+            OmegaConf.update(wrapped, key, candidate, force_add=True)
+            try:
+                return OmegaConf.merge(cfg, wrapped)
+            except OmegaConfBaseException:
+                continue
+    raise first
 
 
 def save_config(cfg: DictConfig, directory: str | os.PathLike, name: str = "config.yaml") -> Path:
