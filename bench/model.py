@@ -17,8 +17,9 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from composer.conditions import Conditions, ConditionSpec  # noqa: E402
-from composer.diffusion.guidance import guided_eps  # noqa: E402
-from composer.models.unet import ComposerUNet, count_parameters, model_kwargs  # noqa: E402
+from composer.diffusion.guidance import guided_prediction  # noqa: E402
+from composer.models.config import count_parameters, model_kwargs
+from composer.models.unet import ComposerUNet  # noqa: E402
 
 
 def specs(word_dim: int, embed: int) -> dict[str, ConditionSpec]:
@@ -102,7 +103,7 @@ def measure(preset: str, batch: int, word_dim: int, embed: int, repeats: int, pe
     model.eval()
     empty = c.subset([])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        sample = best_time(lambda: guided_eps(model, x, t, c, 3.0), repeats)
+        sample = best_time(lambda: guided_prediction(model, x, t, c, 3.0), repeats)
         separate = best_time(lambda: (model(x, t, empty), model(x, t, c)), repeats)
         forward = best_time(lambda: model(x, t, c), repeats)
     achieved = (3 * flops / train) if trainable_here else (flops / forward)

@@ -29,7 +29,7 @@ from composer.train.accelerator import make_accelerator  # noqa: E402
 from composer.train.loop import _extras, make_noise_scheduler  # noqa: E402
 from composer.train.module import TrainingModule  # noqa: E402
 from composer.train.seeding import step_generator  # noqa: E402
-from composer.models.unet import build_model, count_parameters  # noqa: E402
+from composer.models.config import build_model, count_parameters  # noqa: E402
 from decomposers.set import DecomposerSet  # noqa: E402
 
 

@@ -16,10 +16,11 @@ from composer.conditions import Conditions, ConditionSpec
 # package (model_index.json says ["composer", "ComposerUNet"]), and checks them against its base classes by
 # looking those up in the same package, hence ModelMixin / SchedulerMixin here.
 _LAZY = {
-    "ComposerPipeline": "composer.pipelines.composer_pipeline",
-    "ComposerPipelineOutput": "composer.pipelines.composer_pipeline",
+    "ComposerPipeline": "composer.pipelines",
+    "ComposerPipelineOutput": "composer.pipelines",
     "ComposerUNet": "composer.models.unet",
     "Denoiser": "composer.diffusion.denoiser",
+    "DecomposerSet": "decomposers.set",
     "ModelMixin": "diffusers",
     "SchedulerMixin": "diffusers",
     "ConfigMixin": "diffusers",

@@ -19,6 +19,22 @@ import torch
 GLOBAL, TOKENS, LOCAL = "global", "tokens", "local"
 KINDS = (GLOBAL, TOKENS, LOCAL)
 
+# Where a condition enters a denoiser (ConditionSpec.routes).
+TIMESTEP = "timestep"  # projected and added to the timestep embedding
+CROSS_ATTENTION = "tokens"  # cross-attention tokens (a vector is projected to num_tokens tokens)
+LOCAL_SUM = "local"  # a conv embedding, summed over the local conditions, concatenated with x_t
+CONCAT = "concat"  # concatenated with x_t as it is (an upsampler's low-resolution image); never dropped
+ROUTES = (TIMESTEP, CROSS_ATTENTION, LOCAL_SUM, CONCAT)
+
+# How a map is brought to a stage's resolution (ConditionSpec.resize).
+RESIZES = (
+    "smooth",  # area when shrinking, bilinear when enlarging (depth, intensity, images)
+    "nearest",  # categorical maps (instance ids and classes)
+    "lines",  # thin binary lines (sketch): max-pooled when shrinking, so they stay binary and unbroken
+    "masked",  # masked image + binary mask: the image channels smooth, the last (mask) channel nearest
+    "bicubic",  # antialiased bicubic (an upsampler's low-resolution input)
+)
+
 # Canonical representation names (the CLI's and the config's words).
 CAPTION = "caption"
 IMAGE_EMBEDDING = "image_embedding"
@@ -34,12 +50,18 @@ CANONICAL_NAMES = (CAPTION, IMAGE_EMBEDDING, PALETTE, SKETCH, INSTANCES, DEPTH, 
 
 @dataclass(frozen=True)
 class ConditionSpec:
-    """The shape contract of one representation.
+    """The shape contract of one representation, and where it enters a denoiser.
 
-    kinds: subset of ("global", "tokens", "local").
+    kinds: subset of ("global", "tokens", "local"): what the representation is.
     dim: feature width of the global vector, or of each token (for tokens), or channels (for local).
-    For caption (global + tokens) ``dim`` is the sentence width and ``token_dim`` the word width.
-    num_tokens: fixed token count, or None when variable (words come with a padding mask).
+    token_dim: width of the token part when a representation has both a vector and tokens (caption: words).
+    num_tokens: fixed token count, or None when variable (tokens then come with a padding mask); for a
+        vector that enters cross-attention, how many tokens it is projected to (None: the model's default).
+    enters: where it enters (subset of ROUTES); empty means the default for its kinds: a global vector
+        enters the timestep embedding and cross-attention, tokens cross-attention, a local map the local sum.
+    resize: how a local map is resized to a stage's resolution (one of RESIZES).
+    vector_key / tokens_key / mask_key: when the value is a dict, the keys of its vector, its tokens and
+        their (B, L) bool mask (True = real token); None when the value is the tensor itself.
     """
 
     name: str
@@ -47,15 +69,77 @@ class ConditionSpec:
     dim: int
     token_dim: int | None = None
     num_tokens: int | None = None
+    enters: tuple[str, ...] = ()
+    resize: str = "smooth"
+    vector_key: str | None = None
+    tokens_key: str | None = None
+    mask_key: str | None = None
 
     def __post_init__(self) -> None:
         bad = [k for k in self.kinds if k not in KINDS]
         if bad or not self.kinds:
             raise ValueError(f"condition {self.name!r}: kinds must be a non-empty subset of {KINDS}, got {self.kinds}")
+        bad = [r for r in self.enters if r not in ROUTES]
+        if bad:
+            raise ValueError(f"condition {self.name!r}: enters must be a subset of {ROUTES}, got {self.enters}")
+        if self.resize not in RESIZES:
+            raise ValueError(f"condition {self.name!r}: resize must be one of {RESIZES}, got {self.resize!r}")
+        if int(self.dim) < 1:
+            raise ValueError(f"condition {self.name!r}: dim must be at least 1, got {self.dim}")
 
     @property
     def is_local(self) -> bool:
         return LOCAL in self.kinds
+
+    @property
+    def routes(self) -> tuple[str, ...]:
+        """Where this condition enters the denoiser (``enters``, or the default for its kinds)."""
+        if self.enters:
+            return tuple(self.enters)
+        routes: list[str] = []
+        if GLOBAL in self.kinds:
+            routes += [TIMESTEP, CROSS_ATTENTION]
+        if TOKENS in self.kinds and CROSS_ATTENTION not in routes:
+            routes.append(CROSS_ATTENTION)
+        if LOCAL in self.kinds:
+            routes.append(LOCAL_SUM)
+        return tuple(routes)
+
+    @property
+    def tokens_from_vector(self) -> bool:
+        """True when cross-attention tokens are projected from the global vector (no token part)."""
+        return CROSS_ATTENTION in self.routes and TOKENS not in self.kinds
+
+    def vector(self, value: Value) -> torch.Tensor:
+        """(B, dim): the global vector of a value."""
+        return value[self.vector_key] if self.vector_key and isinstance(value, dict) else value
+
+    def tokens(self, value: Value) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """((B, L, token width), (B, L) bool mask or None) of a value with a token part."""
+        if isinstance(value, dict):
+            tokens = value[self.tokens_key or "tokens"]
+            mask = value.get(self.mask_key or "mask")
+            return tokens, (None if mask is None else mask.bool())
+        return value, None
+
+    def to_dict(self) -> dict:
+        """JSON-ready description (saved in a model's config.json, so the model rebuilds its routes)."""
+        out = {"kinds": list(self.kinds), "dim": int(self.dim), "resize": self.resize, "enters": list(self.routes)}
+        for key in ("token_dim", "num_tokens", "vector_key", "tokens_key", "mask_key"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+    @classmethod
+    def from_dict(cls, name: str, data: dict) -> ConditionSpec:
+        known = {"kinds", "dim", "token_dim", "num_tokens", "enters", "resize", "vector_key", "tokens_key", "mask_key"}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"condition {name!r}: unknown spec field(s) {', '.join(sorted(unknown))}")
+        data = dict(data)
+        data["kinds"] = tuple(data["kinds"])
+        data["enters"] = tuple(data.get("enters") or ())
+        return cls(name=name, **data)
 
 
 # A representation value is a tensor, or a dict of tensors for multi-part ones. Caption is

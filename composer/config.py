@@ -19,8 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from yaml import YAMLError
 
-from composer.data.config import DataConfig, ScenesConfig
-from composer.models.config import DropoutConfig, ModelConfig, SampleConfig
+from composer.data.config import DataConfig
+from composer.diffusion.dropout import DropoutConfig
+from composer.diffusion.schedulers import SampleConfig
+from composer.models.config import ModelConfig
 from composer.train.config import TrainConfig
 from decomposers.config import DecomposersConfig
 
@@ -34,7 +36,6 @@ class RunConfig:
     seed: int = 0  # global seed; training seeds each step from (seed, rank, images seen)
     output_dir: str = "runs/default"  # where checkpoints, logs, samples and config.yaml go
     data: DataConfig = field(default_factory=DataConfig)
-    scenes: ScenesConfig = field(default_factory=ScenesConfig)
     decomposers: DecomposersConfig = field(default_factory=DecomposersConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     dropout: DropoutConfig = field(default_factory=DropoutConfig)

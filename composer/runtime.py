@@ -1,4 +1,10 @@
-"""Mixed precision: bf16 autocast where the device supports it, fp32 otherwise, never fp16 on a CPU."""
+"""The runtime vocabulary, one for every command and the trainer: devices and precisions.
+
+devices:    "auto" (CUDA when available, else the CPU), "cpu", "cuda", "cuda:N"
+precisions: "auto" (bf16 where the device runs it natively, fp16 on GPUs without bf16, else fp32),
+            "bf16", "fp16" (GPUs only: emulated on a CPU at 1-3 GFLOP/s), "fp32" ("no" is accelerate's word
+            for fp32 and is accepted as such)
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,33 @@ import contextlib
 
 import torch
 
-CHOICES = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+ALIASES = {"no": "fp32", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def gpu_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """A torch.device for a device name; "auto" is CUDA when available, else the CPU."""
+    if isinstance(name, torch.device):
+        return name
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if gpu_available() else "cpu")
+    if name.startswith("cuda"):
+        if not gpu_available():
+            raise ValueError(f"device {name!r}: no GPU is available here; use --device cpu (or auto)")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda or cuda:N")
 
 
 def cpu_supports_bf16() -> bool:
+    """True when this CPU runs bf16 natively (AVX-512 BF16 or AMX on x86)."""
     probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     if probe is not None and probe():
         return True
@@ -17,15 +46,21 @@ def cpu_supports_bf16() -> bool:
     return bool(amx and amx())
 
 
+def canonical_precision(precision: str) -> str:
+    precision = ALIASES.get(str(precision).lower(), str(precision).lower())
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    return precision
+
+
 def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype:
-    """The autocast dtype for ``precision`` on ``device`` (torch.float32 means no autocast)."""
+    """The compute dtype for ``precision`` on ``device`` (torch.float32 means no autocast)."""
     device = torch.device(device)
-    if precision in ("fp16", "float16"):
+    precision = canonical_precision(precision)
+    if precision == "fp16":
         if device.type == "cpu":
-            raise ValueError("fp16 is emulated on the CPU (1-3 GFLOP/s); use precision=bf16 or fp32")
+            raise ValueError("fp16 is emulated on the CPU (1-3 GFLOP/s); use precision bf16 or fp32")
         return torch.float16
-    if precision not in CHOICES:
-        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(CHOICES)} (or fp16 on a GPU)")
     if precision == "fp32":
         return torch.float32
     if precision == "bf16":
@@ -35,6 +70,12 @@ def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype
     if device.type == "cpu":
         return torch.bfloat16 if cpu_supports_bf16() else torch.float32
     return torch.float32
+
+
+def accelerate_mixed_precision(precision: str, device: torch.device | str) -> str:
+    """accelerate's mixed_precision word ("bf16", "fp16" or "no") for ``precision`` on ``device``."""
+    dtype = resolve_precision(precision, device)
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
 
 
 def autocast(precision: str, device: torch.device | str):

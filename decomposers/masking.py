@@ -102,7 +102,7 @@ class MaskingDecomposer(Decomposer):
 
     @property
     def spec(self) -> ConditionSpec:
-        return ConditionSpec(self.name, self.kinds, 4)
+        return ConditionSpec(self.name, self.kinds, 4, resize="masked")
 
     def sample_masks(self, batch: int, h: int, w: int, generator: torch.Generator | None = None,
                      instances: torch.Tensor | None = None) -> torch.Tensor:

@@ -161,6 +161,14 @@ class SketchDecomposer(Decomposer):
     def __init__(self, low_threshold: float = 0.2, high_threshold: float = 0.4, blur_sigma: float = 1.5,
                  min_length: int | None = None):
         super().__init__()
+        for option, value in (("low_threshold", low_threshold), ("high_threshold", high_threshold),
+                              ("blur_sigma", blur_sigma)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise ValueError(f"decomposers.options.sketch.{option} must be a number, got {value!r}")
+        if min_length is not None and (isinstance(min_length, bool) or not isinstance(min_length, int) or min_length < 0):
+            raise ValueError(f"decomposers.options.sketch.min_length must be a whole number >= 0, got {min_length!r}")
+        if not 0 < blur_sigma <= 20:  # the blur kernel is 6 sigma wide
+            raise ValueError(f"decomposers.options.sketch.blur_sigma must be in (0, 20], got {blur_sigma}")
         if not 0 < low_threshold < high_threshold < 1:
             raise ValueError(f"sketch thresholds need 0 < low < high < 1, got {low_threshold}, {high_threshold}")
         self.low, self.high, self.sigma = float(low_threshold), float(high_threshold), float(blur_sigma)
@@ -168,7 +176,7 @@ class SketchDecomposer(Decomposer):
 
     @property
     def spec(self) -> ConditionSpec:
-        return ConditionSpec(self.name, self.kinds, 1)
+        return ConditionSpec(self.name, self.kinds, 1, resize="lines")
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, **context: Any) -> torch.Tensor:

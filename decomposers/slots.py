@@ -202,7 +202,8 @@ class SlotsDecomposer(Decomposer):
 
     @property
     def spec(self) -> ConditionSpec:
-        return ConditionSpec(self.name, self.kinds, self.slot_dim, num_tokens=self.num_slots)
+        return ConditionSpec(self.name, self.kinds, self.slot_dim, num_tokens=self.num_slots, tokens_key="tokens",
+                             mask_key="mask")
 
     # --- encoding ------------------------------------------------------------------------------------------
 

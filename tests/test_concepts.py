@@ -11,7 +11,8 @@ from composer.cli import main
 from composer.slots.concepts import ConceptLibrary, build_library, compose, kmeans
 from composer.conditions import Conditions
 from composer.pipelines.composer_pipeline import ComposerPipeline
-from composer.models.unet import ComposerUNet, model_kwargs
+from composer.models.config import model_kwargs
+from composer.models.unet import ComposerUNet
 from decomposers.set import DecomposerSet
 from decomposers.slots import SlotsDecomposer
 
@@ -103,7 +104,7 @@ def pipeline_folder(tmp_path_factory):
     unet = ComposerUNet(**model_kwargs("tiny", TINY_UNET, decomposers.specs())).eval()
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
     folder = tmp_path_factory.mktemp("pipeline") / "pipeline"
-    ComposerPipeline(unet, scheduler, decomposers, {"enabled": ["slots", "palette"], "options": options}).save_pretrained(folder)
+    ComposerPipeline(unet, scheduler, decomposers).save_pretrained(folder)
     return folder
 
 

@@ -7,12 +7,14 @@ import torch
 
 from composer.conditions import Conditions, ConditionSpec
 from composer.diffusion.dropout import DropoutPolicy
-from composer.diffusion.guidance import composed_eps, guided_eps
+from composer.diffusion.guidance import composed_prediction, guided_prediction
 from composer.runtime import resolve_precision
-from composer.models.unet import ComposerUNet, model_kwargs
+from composer.models.config import model_kwargs
+from composer.models.unet import ComposerUNet
 
 SPECS = {
-    "caption": ConditionSpec("caption", ("global", "tokens"), 16, token_dim=12, num_tokens=7),
+    "caption": ConditionSpec("caption", ("global", "tokens"), 16, token_dim=12, num_tokens=7, vector_key="sentence",
+                             tokens_key="words", mask_key="words_mask"),
     "image_embedding": ConditionSpec("image_embedding", ("global",), 16),
     "palette": ConditionSpec("palette", ("global",), 275),
     "slots": ConditionSpec("slots", ("tokens",), 8, num_tokens=3),
@@ -97,7 +99,7 @@ def test_a_batch_equals_its_singles_and_unknown_conditions_are_refused():
 def test_save_and_load_give_identical_outputs(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path / "unet")
-    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (tmp_path / "unet" / "composer_unet.safetensors").is_file()
     loaded = ComposerUNet.from_pretrained(tmp_path / "unet").eval()
     conditions, x, t = fake_conditions(2), torch.randn(2, 3, 16, 16), torch.tensor([5, 50])
     state, loaded_state = model.state_dict(), loaded.state_dict()
@@ -112,17 +114,17 @@ def test_guidance_weight_one_is_unguided_and_batched_equals_separate():
     x, t = torch.randn(2, 3, 16, 16), torch.tensor(250)
     with torch.no_grad():
         plain = model(x, t, conditions)
-        torch.testing.assert_close(guided_eps(model, x, t, conditions, 1.0), plain, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(guided_prediction(model, x, t, conditions, 1.0), plain, atol=1e-5, rtol=1e-4)
         empty = model(x, t, conditions.subset([]))
-        guided = guided_eps(model, x, t, conditions, 3.0)
+        guided = guided_prediction(model, x, t, conditions, 3.0)
         torch.testing.assert_close(guided, empty + 3.0 * (plain - empty), atol=1e-5, rtol=1e-4)
         away = model(x, t, conditions.subset(["caption"]))
-        torch.testing.assert_close(guided_eps(model, x, t, conditions, 2.0, away_from=["caption"]),
+        torch.testing.assert_close(guided_prediction(model, x, t, conditions, 2.0, away_from=["caption"]),
                                    away + 2.0 * (plain - away), atol=1e-5, rtol=1e-4)
         only_palette = model(x, t, conditions.subset(["palette"]))
         only_sketch = model(x, t, conditions.subset(["sketch"]))
         expected = empty + 2.0 * (only_palette - empty) + 0.5 * (only_sketch - empty)
-        torch.testing.assert_close(composed_eps(model, x, t, conditions, {"palette": 2.0, "sketch": 0.5}), expected,
+        torch.testing.assert_close(composed_prediction(model, x, t, conditions, {"palette": 2.0, "sketch": 0.5}), expected,
                                    atol=1e-5, rtol=1e-4)
 
 
@@ -162,15 +164,35 @@ def test_loading_weights_of_another_architecture_is_a_clear_error(tmp_path):
     """Missing tensors are never left randomly initialised (diffusers' default is a warning)."""
     from safetensors.torch import load_file, save_file
 
-    from composer.models.unet import load_unet
-
     model = tiny_model()
     model.save_pretrained(tmp_path / "unet")
-    assert load_unet(tmp_path / "unet").state_dict().keys() == model.state_dict().keys()
-    weights_file = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    assert ComposerUNet.from_pretrained(tmp_path / "unet").state_dict().keys() == model.state_dict().keys()
+    weights_file = tmp_path / "unet" / "composer_unet.safetensors"
     weights = load_file(weights_file)
     dropped = sorted(weights)[0]
     del weights[dropped]
     save_file(weights, weights_file)
     with pytest.raises(ValueError, match=f"do not match.*missing keys: {dropped}"):
-        load_unet(tmp_path / "unet")
+        ComposerUNet.from_pretrained(tmp_path / "unet")
+
+
+def test_a_plain_diffusers_unet_refuses_our_folder_instead_of_returning_random_weights(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    tiny_model().save_pretrained(tmp_path / "unet")
+    with pytest.raises(OSError, match="diffusion_pytorch_model"):
+        UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+
+
+def test_a_wave_one_config_is_upgraded_to_the_same_routes():
+    """Folders written before routing by spec (per-name dims) load into the same modules."""
+    from composer.models.unet import upgrade_config
+
+    legacy = {"sample_size": 16, "block_out_channels": [16, 32], "attention_heads": [1, 2], "context_dim": 16,
+              "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"], "local_embed_channels": 4,
+              "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "caption_dim": 16, "word_dim": 12,
+              "image_embedding_dim": 16, "palette_dim": 275, "slot_dim": 8,
+              "local_channels": {"sketch": 1, "instances": 5, "depth": 1, "intensity": 1, "masking": 4},
+              "num_image_tokens": 8, "num_palette_tokens": 8}
+    upgraded = ComposerUNet.from_config(upgrade_config(legacy))
+    assert upgraded.state_dict().keys() == tiny_model().state_dict().keys()

@@ -6,7 +6,8 @@ from diffusers import DDPMScheduler
 
 from composer.conditions import Conditions
 from composer.pipelines.composer_pipeline import ComposerPipeline
-from composer.models.unet import ComposerUNet, model_kwargs
+from composer.models.config import model_kwargs
+from composer.models.unet import ComposerUNet
 from decomposers.set import DecomposerSet
 
 TINY = dict(block_out_channels=(16, 32), attention_heads=(1, 2), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -19,7 +20,7 @@ def pipe():
     torch.manual_seed(0)
     unet = ComposerUNet(**model_kwargs("tiny", TINY, decomposers.specs())).eval()
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
-    return ComposerPipeline(unet, scheduler, decomposers, {"enabled": ["palette", "intensity", "masking"], "options": {}})
+    return ComposerPipeline(unet, scheduler, decomposers)
 
 
 def test_save_load_round_trip_and_generation(pipe, tmp_path):

@@ -12,7 +12,8 @@ from PIL import Image
 
 from composer.cli import main
 from composer.conditions import Conditions
-from composer.pipelines.composer_pipeline import ComposerPipeline, load_decomposer_set
+from composer.pipelines.composer_pipeline import ComposerPipeline
+from decomposers.folder import load_decomposers
 from composer.slots.editing import (
     add_slots,
     drop_slots,
@@ -23,7 +24,8 @@ from composer.slots.editing import (
 )
 from composer.slots.metrics import foreground_ari, mean_best_overlap
 from composer.slots.visuals import slot_colours
-from composer.models.unet import ComposerUNet, model_kwargs
+from composer.models.config import model_kwargs
+from composer.models.unet import ComposerUNet
 from decomposers.set import DecomposerSet
 from decomposers.slots import SlotAttention, SlotsDecomposer
 
@@ -184,7 +186,7 @@ def slots_pipeline(tmp_path_factory):
     torch.manual_seed(0)
     unet = ComposerUNet(**model_kwargs("tiny", TINY_UNET, decomposers.specs())).eval()
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
-    pipe = ComposerPipeline(unet, scheduler, decomposers, {"enabled": ["slots", "palette"], "options": options})
+    pipe = ComposerPipeline(unet, scheduler, decomposers)
     folder = tmp_path_factory.mktemp("pipeline") / "pipeline"
     pipe.save_pretrained(folder)
     return pipe, folder
@@ -195,7 +197,7 @@ def test_the_encoder_loads_from_a_pipeline_folder(slots_pipeline):
     images = torch.rand(2, 3, 16, 16)
     expected = pipe.decomposers.decomposers["slots"](images)
     torch.testing.assert_close(SlotsDecomposer.from_pretrained(folder)(images), expected, atol=0, rtol=0)
-    reloaded = load_decomposer_set({"enabled": ["slots", "palette"], "options": {"slots": dict(TINY_SLOTS)}}, folder)
+    reloaded = load_decomposers(folder / "decomposers")
     torch.testing.assert_close(reloaded.decompose(images)["slots"], expected, atol=0, rtol=0)
 
 

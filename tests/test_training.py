@@ -47,11 +47,12 @@ def make_config(shards: str, out: Path, **train):
     cfg.decomposers.enabled = ["palette", "sketch", "intensity", "masking"]
     cfg.model.overrides = dict(TINY_UNET)
     settings = dict(lr=1e-3, warmup_images=8, lr_schedule="cosine", total_images=8, checkpoint_every_images=0,
-                    keep_checkpoints=2, sample_every_images=0, sample_images=2, sample_steps=1, log_every_steps=1,
+                    keep_checkpoints=2, sample_every_images=0, sample_images=2, log_every_steps=1,
                     progress=False, tensorboard=False, mixed_precision="no")
     settings.update(train)
     for key, value in settings.items():
         cfg.train[key] = value
+    cfg.sample.steps = 1
     return cfg
 
 
@@ -201,7 +202,7 @@ def test_loss_log_is_trimmed_to_the_resumed_position(tmp_path):
 def test_warm_start_loads_matching_tensors_and_names_bad_sources(shards, tmp_path):
     from composer.train.loop import load_initial_weights
     from composer.train.module import TrainingModule
-    from composer.models.unet import build_model
+    from composer.models.config import build_model
     from decomposers.set import DecomposerSet
 
     source = tmp_path / "source"
@@ -212,7 +213,7 @@ def test_warm_start_loads_matching_tensors_and_names_bad_sources(shards, tmp_pat
     module = TrainingModule(build_model(cfg.model, decomposers.specs()))
     report = load_initial_weights(module, source / "pipeline")
     assert "new (fresh)" in report and " 0 new" not in report
-    reference = load_file(source / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    reference = load_file(source / "pipeline" / "unet" / "composer_unet.safetensors")
     key = next(k for k in reference if "up_blocks" in k)
     torch.testing.assert_close(module.state_dict()[f"unet.{key}"], reference[key], rtol=0, atol=0)
     with pytest.raises(ValueError, match="not a checkpoint folder"):

@@ -109,7 +109,7 @@ def run_compose(args: argparse.Namespace) -> int:
     if "slots" not in pipe.unet.accepted_conditions:
         raise ValueError(f"the model {args.model} was trained without slots; it accepts "
                          f"{', '.join(pipe.unet.accepted_conditions)}")
-    slot_dim = int(pipe.unet.config.slot_dim)
+    slot_dim = int(pipe.unet.specs["slots"].dim)
     if library.centroids.shape[1] != slot_dim:
         raise ValueError(f"the library holds slots of width {library.centroids.shape[1]} but the model takes {slot_dim}; "
                          "build the library with this model's slot encoder")

@@ -11,9 +11,21 @@ So the marginal drop rate of a condition with p is p_drop_all + (1 - p_drop_all 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+
+@dataclass
+class DropoutConfig:
+    """Per-sample conditional dropout (Composer's joint training strategy)."""
+
+    default_p: float = 0.5  # each condition is dropped independently with this probability
+    per_condition: dict[str, float] = field(default_factory=lambda: {"intensity": 0.7})
+    p_drop_all: float = 0.1  # with this probability every condition is dropped
+    p_keep_all: float = 0.1  # with this probability every condition is kept
+    p_only: dict[str, float] = field(default_factory=dict)  # e.g. {"slots": 0.1}: that condition alone
 
 
 class DropoutPolicy:

@@ -1,19 +1,24 @@
-"""Classifier-free guidance over condition subsets, in one batched forward pass.
+"""Classifier-free guidance over condition subsets, as a wrapper around a denoiser, in one batched forward.
 
-eps = eps(x_t, c1) + w * (eps(x_t, c2) - eps(x_t, c1))   (Composer, eq. for bidirectional guidance)
-c2 is the chosen subset, c1 the subset to move away from (empty by default). With per-condition weights:
-eps = eps(empty) + sum_i w_i * (eps(c_i) - eps(empty)).
+    guided = Guidance(denoiser, scale=3.0, away_from=["caption"])      # bidirectional (Composer, eq. 2)
+    guided = Guidance(denoiser, weights={"sketch": 2.0, "palette": 1.5})  # per-condition weights
+    prediction = guided(x_t, t, conditions)
+
+pred = pred(x_t, c1) + w * (pred(x_t, c2) - pred(x_t, c1)), c2 = every condition given, c1 = ``away_from``
+(empty by default); with per-condition weights pred = pred(empty) + sum_i w_i (pred(c_i) - pred(empty)).
+Both are affine combinations (their weights sum to 1), so guiding eps, v or x0 predictions gives the same
+result: guidance works on whatever the denoiser predicts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
 from composer.conditions import Conditions
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, Conditions], torch.Tensor]
+Predictor = Callable[[torch.Tensor, torch.Tensor, Conditions], torch.Tensor]
 
 
 def _per_sample(timestep, sample: torch.Tensor) -> torch.Tensor:
@@ -21,37 +26,75 @@ def _per_sample(timestep, sample: torch.Tensor) -> torch.Tensor:
     return t.expand(sample.shape[0]) if t.numel() == 1 else t
 
 
-def _only(conditions: Conditions, names: Iterable[str]) -> Conditions:
-    """The same batch with only ``names`` kept (others present but dropped, so the batch can be concatenated)."""
+def only(conditions: Conditions, names: Iterable[str]) -> Conditions:
+    """The same batch with only ``names`` kept (others present but dropped, so batches can be concatenated)."""
     names = set(names)
     keep = {n: conditions.keep(n) & (n in names) for n in conditions.values}
     return Conditions(dict(conditions.values), keep, conditions.batch_size)
 
 
-def guided_eps(model: Denoiser, sample: torch.Tensor, timestep: torch.Tensor, conditions: Conditions,
-               guidance_scale: float, away_from: Iterable[str] = ()) -> torch.Tensor:
-    """eps(c1) + w (eps(c2) - eps(c1)) with c2 = every condition in ``conditions``, c1 = ``away_from``."""
+def guided_prediction(model: Predictor, sample: torch.Tensor, timestep: torch.Tensor, conditions: Conditions,
+                      guidance_scale: float, away_from: Iterable[str] = ()) -> torch.Tensor:
+    """pred(c1) + w (pred(c2) - pred(c1)) with c2 = every condition in ``conditions``, c1 = ``away_from``."""
     away_from = list(away_from)
-    c2 = _only(conditions, conditions.values)
-    c1 = _only(conditions, away_from)
+    c2 = only(conditions, conditions.values)
+    c1 = only(conditions, away_from)
     timesteps = _per_sample(timestep, sample)
-    eps = model(torch.cat([sample, sample]), torch.cat([timesteps, timesteps]), Conditions.cat([c1, c2]))
-    eps_c1, eps_c2 = eps.chunk(2)
-    return eps_c1 + guidance_scale * (eps_c2 - eps_c1)
+    both = model(torch.cat([sample, sample]), torch.cat([timesteps, timesteps]), Conditions.cat([c1, c2]))
+    pred_c1, pred_c2 = both.chunk(2)
+    return pred_c1 + guidance_scale * (pred_c2 - pred_c1)
 
 
-def composed_eps(model: Denoiser, sample: torch.Tensor, timestep: torch.Tensor, conditions: Conditions,
-                 weights: dict[str, float]) -> torch.Tensor:
-    """eps(empty) + sum_i w_i (eps(c_i) - eps(empty)) for each named condition c_i, in one batch."""
+def composed_prediction(model: Predictor, sample: torch.Tensor, timestep: torch.Tensor, conditions: Conditions,
+                        weights: Mapping[str, float]) -> torch.Tensor:
+    """pred(empty) + sum_i w_i (pred(c_i) - pred(empty)) for each named condition c_i, in one batch."""
     unknown = [n for n in weights if n not in conditions.values]
     if unknown:
         raise ValueError(f"condition weights given for absent condition(s) {', '.join(unknown)}")
     names = list(weights)
-    parts = [_only(conditions, [])] + [_only(conditions, [n]) for n in names]
+    parts = [only(conditions, [])] + [only(conditions, [n]) for n in names]
     timesteps = _per_sample(timestep, sample)
-    eps = model(sample.repeat(len(parts), 1, 1, 1), timesteps.repeat(len(parts)), Conditions.cat(parts))
-    chunks = eps.chunk(len(parts))
+    preds = model(sample.repeat(len(parts), 1, 1, 1), timesteps.repeat(len(parts)), Conditions.cat(parts))
+    chunks = preds.chunk(len(parts))
     out = chunks[0].clone()
     for name, chunk in zip(names, chunks[1:]):
         out = out + weights[name] * (chunk - chunks[0])
     return out
+
+
+class Guidance:
+    """A denoiser seen through classifier-free guidance: called like the denoiser, returns the guided prediction.
+
+    scale 1 (or no condition present) is one plain forward; ``weights`` (per-condition scales) replace
+    ``scale`` and ``away_from`` when given. ``always`` names conditions kept in every branch (an upsampler's
+    low-resolution image, which is never dropped).
+    """
+
+    def __init__(self, denoiser: Predictor, *, scale: float = 3.0, away_from: Iterable[str] = (),
+                 weights: Mapping[str, float] | None = None, always: Iterable[str] = ()):
+        self.denoiser = denoiser
+        self.scale = float(scale)
+        self.away_from = list(away_from)
+        self.weights = dict(weights or {})
+        self.always = list(always)
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, conditions: Conditions) -> torch.Tensor:
+        guided = [n for n in conditions.present() if n not in self.always]
+        if self.weights:
+            return composed_prediction(self._model(conditions), sample, timestep, conditions, self.weights)
+        if self.scale == 1.0 or not guided:
+            return self.denoiser(sample, timestep, conditions)
+        return guided_prediction(self._model(conditions), sample, timestep, conditions, self.scale,
+                                 self.away_from + self.always)
+
+    def _model(self, conditions: Conditions) -> Predictor:
+        if not self.always:
+            return self.denoiser
+        always = self.always
+
+        def with_always(sample, timestep, batch: Conditions):  # the never-dropped conditions back in every branch
+            keep = {n: torch.ones_like(batch.keep(n)) for n in always if n in batch.values}
+            return self.denoiser(sample, timestep, Conditions(dict(batch.values), {**batch.keep_masks, **keep},
+                                                              batch.batch_size))
+
+        return with_always

@@ -1,58 +1,38 @@
-"""The base denoiser: diffusers' UNet2DConditionModel with Composer's global and local adapters around it.
+"""ComposerUNet: diffusers' UNet2DConditionModel with the condition adapters around it, routed by spec.
 
-    model = build_model(cfg.model, specs=decomposers.specs())        # or ComposerUNet(**kwargs)
-    eps = model(noisy, timesteps, conditions)                         # noisy (B, 3, 64, 64) in [-1, 1]
+    model = build_model(cfg.model, specs=decomposers.specs())        # composer.models.config
+    prediction = model(noisy, timesteps, conditions)                  # noisy (B, C, H, W) in [-1, 1] scale
     model.save_pretrained(folder); ComposerUNet.from_pretrained(folder)   # config.json + safetensors
 
-Conditions not accepted by the model's config are an error naming the accepted ones; missing and dropped
-conditions are the same thing.
+The network predicts whatever its denoiser's parameterisation says (eps, v or x0): it knows no schedule.
+Each condition enters where its ConditionSpec says (timestep embedding, cross-attention tokens, the local
+sum, or concatenated with x_t). The weights are saved as ``composer_unet.safetensors`` (not diffusers'
+``diffusion_pytorch_model.safetensors``), so that loading this folder with a plain UNet2DConditionModel fails
+with "no file named diffusion_pytorch_model.safetensors" instead of returning a randomly initialised model.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from torch import nn
 
-from composer.models.adapters import GlobalAdapter, LocalAdapter
-from composer.conditions import Conditions, ConditionSpec
+from composer.conditions import CONCAT, LOCAL_SUM, Conditions, ConditionSpec
+from composer.models.adapters import GlobalAdapter, LocalAdapter, resize_map
 
-DEFAULT_LOCAL_CHANNELS = {"sketch": 1, "instances": 5, "depth": 1, "intensity": 1, "masking": 4}
-
-# Architecture presets (UNet and adapter sizes); the condition dims come from the decomposers' specs.
-PRESETS: dict[str, dict[str, Any]] = {
-    # CPU tests and the demo: ~7 M parameters; cross-attention at 16 and 8 px (attention at 32 px tripled
-    # the step time on a 2-core CPU). About 0.7 s per bf16 training step at batch 16 on 2 cores.
-    "tiny": {
-        "block_out_channels": (32, 64, 128, 128),
-        "layers_per_block": 1,
-        "attention_heads": (1, 2, 2, 2),
-        "down_block_types": ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        "context_dim": 128,
-        "local_embed_channels": 16,
-    },
-    # GPU scale, structure of Composer's GLIDE-style 64 px base at reduced width (see bench/model.py for the
-    # counted parameters; the paper's base model has about 2 B).
-    "paper": {
-        "block_out_channels": (384, 768, 1152, 1536),
-        "layers_per_block": 3,
-        "attention_heads": (6, 12, 18, 24),
-        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        "context_dim": 1024,
-        "local_embed_channels": 128,
-    },
-}
+WEIGHTS_NAME = "composer_unet.safetensors"
+LEGACY_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # folders written before 2026-12 (wave 1)
 
 
 class ComposerUNet(ModelMixin, ConfigMixin):
-    """eps-prediction UNet conditioned on any subset of Composer's representations.
+    """A UNet conditioned on any subset of Composer's representations.
 
-    forward(sample (B, 3, H, W) in [-1, 1], timestep (B,) or scalar, conditions: Conditions) -> (B, 3, H, W).
+    forward(sample (B, C, H, W), timestep (B,) or scalar, conditions: Conditions) -> prediction (B, C, H, W).
     """
 
     config_name = "config.json"
@@ -61,7 +41,8 @@ class ComposerUNet(ModelMixin, ConfigMixin):
     def __init__(
         self,
         *,
-        sample_size: int = 64,
+        sample_size: int = 64,  # training resolution (the network is convolutional; other sizes may work)
+        out_channels: int = 3,  # image channels predicted
         block_out_channels: tuple[int, ...] = (64, 128, 192),  # UNet widths per resolution level
         layers_per_block: int = 1,
         attention_heads: tuple[int, ...] = (2, 4, 6),  # heads per level (diffusers' attention_head_dim)
@@ -69,28 +50,24 @@ class ComposerUNet(ModelMixin, ConfigMixin):
         up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         context_dim: int = 256,  # width of the cross-attention tokens
         local_embed_channels: int = 32,  # channels of the summed local embedding concatenated to x_t
-        caption_dim: int = 0,  # sentence embedding width (0: caption not accepted)
-        word_dim: int = 0,  # word token width
-        image_embedding_dim: int = 0,
-        palette_dim: int = 275,
-        slot_dim: int = 0,
-        local_channels: dict[str, int] | None = None,  # name -> channels of each accepted local condition
-        num_image_tokens: int = 8,
-        num_palette_tokens: int = 8,
+        conditions: dict[str, dict] | None = None,  # name -> ConditionSpec.to_dict() of each accepted condition
+        tokens_per_vector: int = 8,  # tokens a global vector is projected to, unless its spec says otherwise
     ):
         super().__init__()
-        local_channels = dict(DEFAULT_LOCAL_CHANNELS if local_channels is None else local_channels)
+        specs = {name: ConditionSpec.from_dict(name, data) for name, data in (conditions or {}).items()}
+        check_architecture(sample_size, block_out_channels, attention_heads, down_block_types, up_block_types,
+                           layers_per_block, context_dim)
         time_dim = block_out_channels[0] * 4
-        self.global_adapter = GlobalAdapter(
-            time_dim=time_dim, context_dim=context_dim, caption_dim=caption_dim, word_dim=word_dim,
-            image_embedding_dim=image_embedding_dim, palette_dim=palette_dim, slot_dim=slot_dim,
-            num_image_tokens=num_image_tokens, num_palette_tokens=num_palette_tokens,
-        )
-        self.local_adapter = LocalAdapter(local_channels, local_embed_channels)
+        self.specs = specs
+        self.concat_specs = {n: s for n, s in specs.items() if CONCAT in s.routes}
+        self.global_adapter = GlobalAdapter(specs, time_dim=time_dim, context_dim=context_dim,
+                                            tokens_per_vector=tokens_per_vector)
+        self.local_adapter = LocalAdapter(specs, local_embed_channels)
+        in_channels = out_channels + local_embed_channels + sum(s.dim for s in self.concat_specs.values())
         self.unet = UNet2DConditionModel(
             sample_size=sample_size,
-            in_channels=3 + local_embed_channels,
-            out_channels=3,
+            in_channels=in_channels,
+            out_channels=out_channels,
             down_block_types=tuple(down_block_types),
             up_block_types=tuple(up_block_types),
             block_out_channels=tuple(block_out_channels),
@@ -104,23 +81,15 @@ class ComposerUNet(ModelMixin, ConfigMixin):
 
     @property
     def accepted_conditions(self) -> list[str]:
-        names = []
-        if self.config.caption_dim and self.config.word_dim:
-            names.append("caption")
-        if self.config.image_embedding_dim:
-            names.append("image_embedding")
-        if self.config.palette_dim:
-            names.append("palette")
-        if self.config.slot_dim:
-            names.append("slots")
-        return names + list(self.local_adapter.stacks)
+        """Names of the conditions this model was built for (the pipeline may drop any of them)."""
+        return list(self.specs)
 
     def check_conditions(self, conditions: Conditions) -> None:
-        unknown = [n for n in conditions.values if n not in self.accepted_conditions]
+        unknown = [n for n in conditions.values if n not in self.specs]
         if unknown:
             raise ValueError(
                 f"this model was not trained with condition(s) {', '.join(unknown)}; "
-                f"it accepts {', '.join(self.accepted_conditions)}"
+                f"it accepts {', '.join(self.accepted_conditions) or 'none'}"
             )
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, conditions: Conditions) -> torch.Tensor:
@@ -135,83 +104,140 @@ class ComposerUNet(ModelMixin, ConfigMixin):
         added, context, mask = self.global_adapter(conditions, batch)
         if added is None:
             added = torch.zeros(batch, self.time_dim, device=sample.device, dtype=context.dtype)
-        local = self.local_adapter(conditions, sample)
-        unet_input = torch.cat([sample, local.to(sample.dtype)], dim=1)
+        parts = [sample]
+        if self.config.local_embed_channels:
+            parts.append(self.local_adapter(conditions, sample).to(sample.dtype))
+        parts += [self._concatenated(name, conditions, sample) for name in self.concat_specs]
         return self.unet(
-            unet_input, timestep, encoder_hidden_states=context, class_labels=added,
+            torch.cat(parts, dim=1), timestep, encoder_hidden_states=context, class_labels=added,
             encoder_attention_mask=mask, return_dict=False,
         )[0]
 
+    def _concatenated(self, name: str, conditions: Conditions, sample: torch.Tensor) -> torch.Tensor:
+        spec = self.concat_specs[name]
+        if name not in conditions.values:
+            raise ValueError(f"condition {name!r} is concatenated with x_t and cannot be left out")
+        value = resize_map(conditions[name].to(sample.device).float(), sample.shape[-2:], spec.resize)
+        return value.to(sample.dtype)
 
-def model_kwargs(preset: str, overrides: dict[str, Any] | None = None,
-                 specs: dict[str, ConditionSpec] | None = None) -> dict[str, Any]:
-    """Constructor arguments for ComposerUNet: a named preset, condition dims from specs, then overrides."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose from {', '.join(PRESETS)}")
-    kwargs: dict[str, Any] = dict(PRESETS[preset])
-    if specs is not None:
-        kwargs.update(caption_dim=0, word_dim=0, image_embedding_dim=0, palette_dim=0, slot_dim=0)
-        local: dict[str, int] = {}
-        for name, spec in specs.items():
-            if name == "caption":
-                kwargs.update(caption_dim=spec.dim, word_dim=spec.token_dim)
-            elif name == "image_embedding":
-                kwargs["image_embedding_dim"] = spec.dim
-            elif name == "palette":
-                kwargs["palette_dim"] = spec.dim
-            elif name == "slots":
-                kwargs["slot_dim"] = spec.dim
-            elif spec.is_local:
-                local[name] = spec.dim
-            else:
-                raise ValueError(f"condition {name!r} of kinds {spec.kinds} has no place in the base model")
-        kwargs["local_channels"] = local
-    kwargs.update(dict(overrides or {}))
-    for key in ("block_out_channels", "attention_heads", "down_block_types", "up_block_types"):
-        if key in kwargs:
-            kwargs[key] = tuple(kwargs[key])
-    return kwargs
+    # --- persistence -----------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, dtype: torch.dtype | None = None, **_: Any) -> None:
+        """config.json + composer_unet.safetensors (``dtype``: store the weights in it, e.g. torch.float16)."""
+        from safetensors.torch import save_file
+
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.save_config(directory)
+        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+                 for k, v in self.state_dict().items()}
+        save_file(state, directory / WEIGHTS_NAME)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
+                        torch_dtype: torch.dtype | None = None, **_: Any) -> ComposerUNet:
+        """Load a saved ComposerUNet strictly: tensors missing, unexpected or of another shape are an error
+        (diffusers would leave missing tensors randomly initialised with a warning)."""
+        from safetensors.torch import load_file
+
+        directory = Path(pretrained_model_name_or_path) / (subfolder or "")
+        config_path = directory / cls.config_name
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{directory} holds no ComposerUNet (no {cls.config_name})")
+        config = upgrade_config(json.loads(config_path.read_text()))
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file() and (directory / LEGACY_WEIGHTS_NAME).is_file():
+            weights = directory / LEGACY_WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}: the UNet's weights are missing")
+        try:
+            model = cls.from_config(config)
+        except TypeError as error:
+            raise ValueError(f"{config_path} does not describe a ComposerUNet of this version: {error}") from None
+        state = load_file(weights)
+        check_state_dict(model, state, directory)
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        if torch_dtype is not None:
+            model.to(torch_dtype)
+        return model.eval()
 
 
-def load_unet(folder: Any) -> ComposerUNet:
-    """Load a saved ComposerUNet, refusing weights that do not match the current architecture.
-
-    diffusers would leave missing tensors randomly initialised with a warning; a pipeline that silently
-    samples from partly random weights is worse than a clear error.
-    """
-    import logging
-
-    from diffusers.utils import logging as diffusers_logging
-
-    previous = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity(logging.ERROR)
-    try:
-        unet, info = ComposerUNet.from_pretrained(folder, low_cpu_mem_usage=False, output_loading_info=True)
-    finally:
-        diffusers_logging.set_verbosity(previous)
+def check_architecture(sample_size, block_out_channels, attention_heads, down_block_types, up_block_types,
+                       layers_per_block, context_dim) -> None:
+    """One clear error for a UNet configuration that cannot be built or cannot run."""
+    levels = len(block_out_channels)
     problems = []
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = [k if isinstance(k, str) else k[0] for k in info.get(kind) or []]
+    if not levels or any(int(c) < 2 for c in block_out_channels):
+        problems.append(f"block_out_channels must be a non-empty list of widths >= 2, got {list(block_out_channels)}")
+    if len(attention_heads) != levels or any(int(h) < 1 for h in attention_heads):
+        problems.append(f"attention_heads needs one count >= 1 per level ({levels}), got {list(attention_heads)}")
+    elif any(int(c) % int(h) for c, h in zip(block_out_channels, attention_heads)):
+        problems.append(f"each width of block_out_channels {list(block_out_channels)} must divide by its head count "
+                        f"{list(attention_heads)}")
+    if len(down_block_types) != levels or len(up_block_types) != levels:
+        problems.append(f"down_block_types and up_block_types need {levels} entries each (one per level)")
+    if int(layers_per_block) < 1 or int(context_dim) < 1:
+        problems.append("layers_per_block and context_dim must be at least 1")
+    factor = 2 ** max(levels - 1, 0)
+    if int(sample_size) < factor or int(sample_size) % factor:
+        problems.append(f"sample_size {sample_size} must be a positive multiple of {factor} for {levels} levels")
+    if problems:
+        raise ValueError("impossible UNet configuration: " + "; ".join(problems))
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Any) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    for kind, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mismatched keys", mismatched)):
         if keys:
             shown = ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
-            problems.append(f"{kind.replace('_', ' ')}: {shown}")
+            problems.append(f"{kind}: {shown}")
     if problems:
-        raise ValueError(f"the weights in {folder} do not match this version's ComposerUNet ({'; '.join(problems)}); "
+        raise ValueError(f"the weights in {source} do not match this version's ComposerUNet ({'; '.join(problems)}); "
                          "they were saved by an older or different model: retrain, or warm-start a new run from "
                          "them with train.init_from")
-    return unet
 
 
-def build_model(model_cfg: Any, specs: dict[str, ConditionSpec] | None = None) -> ComposerUNet:
-    """A ComposerUNet from the run config's model section (preset, overrides, optional pretrained folder)."""
-    if getattr(model_cfg, "pretrained", None):
-        return load_unet(model_cfg.pretrained)
-    overrides = dict(model_cfg.overrides) if getattr(model_cfg, "overrides", None) else {}
-    try:
-        return ComposerUNet(**model_kwargs(model_cfg.preset, overrides, specs))
-    except TypeError as error:
-        raise ValueError(f"bad model override: {error}; check model.overrides") from None
+def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A wave-1 config.json (per-name dims: caption_dim, palette_dim, local_channels, ...) in today's form
+    (a ``conditions`` dict of ConditionSpecs). Today's configs pass through unchanged."""
+    legacy = {"caption_dim", "word_dim", "image_embedding_dim", "palette_dim", "slot_dim", "local_channels",
+              "num_image_tokens", "num_palette_tokens"}
+    if "conditions" in config or not legacy & set(config):
+        return config
+    config = dict(config)
+    get = lambda key, default=0: config.pop(key, default)  # noqa: E731
+    caption_dim, word_dim = get("caption_dim"), get("word_dim")
+    image_dim, palette_dim, slot_dim = get("image_embedding_dim"), get("palette_dim", 275), get("slot_dim")
+    image_tokens, palette_tokens = get("num_image_tokens", 8), get("num_palette_tokens", 8)
+    local = get("local_channels", None) or {}
+    conditions: dict[str, dict] = {}
+    if caption_dim and word_dim:
+        conditions["caption"] = ConditionSpec("caption", ("global", "tokens"), caption_dim, token_dim=word_dim,
+                                              vector_key="sentence", tokens_key="words", mask_key="words_mask").to_dict()
+    if image_dim:
+        conditions["image_embedding"] = ConditionSpec("image_embedding", ("global",), image_dim,
+                                                      num_tokens=image_tokens).to_dict()
+    if palette_dim:
+        conditions["palette"] = ConditionSpec("palette", ("global",), palette_dim, num_tokens=palette_tokens).to_dict()
+    if slot_dim:
+        conditions["slots"] = ConditionSpec("slots", ("tokens",), slot_dim, tokens_key="tokens",
+                                            mask_key="mask").to_dict()
+    resize = {"instances": "nearest", "masking": "masked", "sketch": "lines"}
+    for name, channels in local.items():
+        conditions[name] = ConditionSpec(name, ("local",), channels, resize=resize.get(name, "smooth")).to_dict()
+    config["conditions"] = conditions
+    return config
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def specs_to_config(specs: dict[str, ConditionSpec]) -> dict[str, dict]:
+    """The ``conditions`` argument of ComposerUNet for a decomposer set's specs."""
+    for name, spec in specs.items():
+        if not spec.routes:
+            raise ValueError(f"condition {name!r} of kinds {spec.kinds} enters the model nowhere")
+        if LOCAL_SUM in spec.routes and spec.dim < 1:
+            raise ValueError(f"local condition {name!r} needs at least one channel")
+    return {name: spec.to_dict() for name, spec in specs.items()}

@@ -1,293 +1,309 @@
-"""ComposerPipeline: decompose -> base sampling (-> upsampling stages, later) in diffusers' folder layout.
+"""ComposerPipeline: decompose -> base sampling (-> upsampling stages) as a diffusers DiffusionPipeline.
 
-    pipe = ComposerPipeline.from_pretrained("runs/tiny/pipeline")
-    out = pipe(images={"sketch": img_a, "palette": img_b}, captions=["a red star"], guidance_scale=3.0,
-               num_inference_steps=25, generator=torch.Generator().manual_seed(0))
+    pipe = ComposerPipeline.from_pretrained("assets/demo-model", torch_dtype=torch.float32)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)      # any diffusers scheduler
+    out = pipe(images={"sketch": sketch_image, "palette": palette_image}, prompt="a red star",
+               guidance_scale=3.0, num_inference_steps=25, generator=torch.Generator().manual_seed(0))
     out.images[0].save("composed.png")
 
-Folder layout (``save_pretrained``):
-    model_index.json            class, components, base resolution
-    unet/                       ComposerUNet: config.json + diffusion_pytorch_model.safetensors
-    scheduler/                  scheduler_config.json (the training noise schedule)
-    decomposers/config.yaml     enabled decomposers and their options; weight files they need are copied
-                                into decomposers/files/ and referenced relative to the folder
-    decomposers/<name>/model.safetensors   weights of trainable decomposers (slots)
-    upsamplers/                 reserved for the 64 -> 256 -> 1024 stages
+Components: ``unet`` (ComposerUNet), ``scheduler`` (the sampler, on the model's training schedule) and
+``decomposers`` (DecomposerSet, optional). The folder layout is composer.pipelines.layout's. After
+``import composer.pipelines``, diffusers' own ``DiffusionPipeline.from_pretrained(folder)`` returns a
+ComposerPipeline too (the class is registered with diffusers; a model folder never carries code).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from tqdm.auto import tqdm
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
 
 from composer.conditions import Conditions
-from composer.diffusion.guidance import composed_eps, guided_eps
-from composer.runtime import autocast
-from composer.models.unet import ComposerUNet, load_unet
+from composer.diffusion.denoiser import Denoiser, NoiseSchedule
+from composer.diffusion.guidance import Guidance
+from composer.diffusion.sampling import RegionEdit, initial_noise, sample
+from composer.diffusion.schedulers import SampleConfig, make_scheduler
+from composer.models.adapters import resize_map
+from composer.pipelines import inputs, layout
+from composer.runtime import autocast, resolve_device
 
-SCHEDULERS = {"ancestral": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler,
-              "ddpm": DDPMScheduler}
-# "ancestral": DDPM's posterior steps on a subsequence of the training steps ("trailing", so it starts at
-# t = 999), with fresh noise at every step: the same update as DDIM with eta = 1. Measured on the 30k-image
-# tiny model: deterministic DDIM (eta 0) leaves visible grain that grows with the number of steps (20 -> 100);
-# ancestral steps give clean samples at 25-50 steps. (diffusers' DDIM with eta = 1 takes the square root of
-# 1 - alpha_prev - sigma^2, which rounds below zero for a single step from t = 999 and gives NaN.)
-SAMPLER_ETA = {"ddim": 0.0}
-STOCHASTIC = ("ancestral", "ddpm")
-FILE_OPTIONS = ("pretrained", "model_config_file", "weights")
+OUTPUT_TYPES = ("pil", "np", "pt")
 
 
 @dataclass
-class ComposerPipelineOutput:
+class ComposerPipelineOutput(BaseOutput):
     """images: list of PIL images, or an array (B, H, W, 3) in [0, 1], or a tensor (B, 3, H, W) in [0, 1]."""
 
     images: Any
 
 
-def make_scheduler(name: str, config: Mapping[str, Any] | None = None):
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
-    config = {k: v for k, v in dict(config or {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}).items()
-              if not k.startswith("_")}  # diffusers' private keys would make a fresh and a reloaded config differ
-    # Sampling settings are fixed here, not inherited from the training scheduler. DDIM starts at the last
-    # training step ("trailing") and clips its x0 estimate; DPM-Solver++ does not clip, and at t = 999 of the
-    # cosine schedule alpha is ~0, so its x0 estimate explodes and the image stays noisy (measured: mean
-    # error 0.52 vs 0.30 from an intensity map): it starts at t = 950 ("leading", offset 1) instead.
-    kwargs: dict[str, Any] = {"timestep_spacing": "trailing", "steps_offset": 0}
-    if name == "dpm++":
-        kwargs.update(algorithm_type="dpmsolver++", timestep_spacing="leading", steps_offset=1)
-    if name == "ddim":
-        kwargs["set_alpha_to_one"] = False
-    if name == "ancestral":
-        kwargs["variance_type"] = "fixed_small"
-    return SCHEDULERS[name].from_config(config, **kwargs)
+@dataclass
+class _Edit:
+    """A region edit: the original at its own size and at the stage's, and the masks of both."""
+
+    image: torch.Tensor  # (B, 3, H, W) in [0, 1], the original
+    mask: torch.Tensor  # (B, 1, H, W) in {0, 1}, 1 = generate
+    small_image: torch.Tensor  # (B, 3, h, w) at the stage's size
+    small_mask: torch.Tensor  # (B, 1, h, w): a stage pixel is generated if any original pixel under it is
 
 
-class ComposerPipeline:
-    def __init__(self, unet: ComposerUNet, scheduler, decomposers=None, decomposer_config: Mapping[str, Any] | None = None,
-                 sampler: str = "ancestral"):
-        self.unet = unet
-        self.scheduler = scheduler  # the training schedule; sampling uses a copy of class ``sampler``
-        self.decomposers = decomposers
-        self.decomposer_config = dict(decomposer_config or {})
-        self.sampler = sampler
+class ComposerPipeline(DiffusionPipeline):
+    """Compose images from any subset of conditions; region edits keep every pixel outside the mask."""
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+    _optional_components = ["decomposers"]
+    model_cpu_offload_seq = "unet"
 
-    def to(self, device: torch.device | str) -> ComposerPipeline:
-        self.unet.to(device)
-        if self.decomposers is not None:
-            self.decomposers.to(device)
-        return self
+    def __init__(self, unet, scheduler, decomposers=None, prediction_type: str | None = None,
+                 sampling: Mapping[str, Any] | None = None, stages: list[dict[str, Any]] | None = None):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, decomposers=decomposers)
+        self.register_to_config(
+            prediction_type=prediction_type or scheduler.config.get("prediction_type", "epsilon"),
+            sampling=SampleConfig.from_dict(sampling).to_dict(),
+            stages=list(stages or [layout.base_stage(unet.config.sample_size)]),
+        )
 
-    # --- persistence -------------------------------------------------------------------------------------
-
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write the pipeline folder (see the module docstring). Writes into ``directory`` directly;
-        callers that need atomicity write to a temporary folder and rename it."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.unet.save_pretrained(directory / "unet")
-        self.scheduler.save_pretrained(directory / "scheduler")
-        decomposer_dir = directory / "decomposers"
-        decomposer_dir.mkdir(exist_ok=True)
-        config = _portable_options(self.decomposer_config, decomposer_dir)
-        from omegaconf import OmegaConf
-
-        (decomposer_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
-        if self.decomposers is not None:
-            from safetensors.torch import save_file
-
-            for name, decomposer in self.decomposers.decomposers.items():
-                if getattr(decomposer, "trainable", False):
-                    (decomposer_dir / name).mkdir(exist_ok=True)
-                    state = {k: v.detach().contiguous().cpu() for k, v in decomposer.state_dict().items()}
-                    save_file(state, decomposer_dir / name / "model.safetensors")
-        index = {"_class_name": "ComposerPipeline", "unet": ["composer.models.unet", "ComposerUNet"],
-                 "scheduler": ["diffusers", type(self.scheduler).__name__], "sampler": self.sampler,
-                 "resolution": int(self.unet.config.sample_size), "upsamplers": []}
-        (directory / "model_index.json").write_text(json.dumps(index, indent=2))
-        return directory
+    # --- loading and saving (the folder layout is layout.py's) ----------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, *, sampler: str | None = None,
-                        device: torch.device | str = "cpu", load_decomposers: bool = True) -> ComposerPipeline:
-        directory = Path(directory)
-        if not (directory / "model_index.json").is_file():
-            raise FileNotFoundError(f"{directory} is not a pipeline folder (no model_index.json); give the folder "
-                                    "written by `composer-diffusion train` (output_dir/pipeline)")
-        index = json.loads((directory / "model_index.json").read_text())
-        unet = load_unet(directory / "unet").eval().requires_grad_(False)
-        scheduler = DDPMScheduler.from_pretrained(directory / "scheduler")
-        from omegaconf import OmegaConf
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
+                        load_decomposers: bool = True, trust_pickle: bool = False, sampler: str | None = None,
+                        device: torch.device | str | None = None, **kwargs: Any) -> ComposerPipeline:
+        """A local folder or a hub id (cached, or fetched where there is a network). ``trust_pickle``: this
+        run allows pickled weights the folder names (refused by default: unpickling can run code)."""
+        folder = layout.local_folder(pretrained_model_name_or_path, **kwargs)
+        index = layout.read_index(folder)
+        if layout.is_legacy(index):
+            pipe = cls(**layout.load_legacy(folder, load_decomposers=load_decomposers, trust_pickle=trust_pickle))
+            if torch_dtype is not None:
+                pipe.unet.to(torch_dtype)
+        else:
+            decomposers = None
+            if load_decomposers and layout.has_decomposers(folder):
+                from decomposers.folder import load_decomposers as load_set
 
-        config_path = directory / "decomposers" / "config.yaml"
-        decomposer_config = OmegaConf.to_container(OmegaConf.load(config_path)) if config_path.is_file() else {}
-        decomposers = None
-        if load_decomposers and decomposer_config.get("enabled"):
-            decomposers = load_decomposer_set(decomposer_config, directory)
-        pipe = cls(unet, scheduler, decomposers, decomposer_config, sampler or index.get("sampler", "ancestral"))
-        return pipe.to(device)
+                decomposers = load_set(folder / "decomposers", trust_pickle=trust_pickle)
+            pipe = super().from_pretrained(folder, torch_dtype=torch_dtype, decomposers=decomposers, **kwargs)
+        pipe.unet.eval().requires_grad_(False)
+        if sampler is not None:
+            pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+        return pipe.to(resolve_device(device)) if device is not None else pipe
 
-    # --- conditions --------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, *, weights_dtype: torch.dtype | None = None,
+                        **kwargs: Any) -> None:
+        """diffusers' folder; ``weights_dtype`` stores the UNet's weights in that dtype (e.g. float16)."""
+        super().save_pretrained(save_directory, **kwargs)
+        if weights_dtype is not None:
+            self.unet.save_pretrained(os.path.join(save_directory, "unet"), dtype=weights_dtype)
 
-    def decompose(self, images: Mapping[str, torch.Tensor], captions: list[str] | None = None,
+    # --- the parts ----------------------------------------------------------------------------------------------
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """The base UNet with its parameterisation and training schedule."""
+        return Denoiser(self.unet, NoiseSchedule.from_config(self.scheduler.config),
+                        prediction_type=self.config.prediction_type)
+
+    @property
+    def sampling(self) -> SampleConfig:
+        """The sampling defaults saved with this pipeline."""
+        return SampleConfig.from_dict(self.config.sampling)
+
+    def decompose(self, images: Mapping[str, Any], captions: str | list[str] | None = None,
                   mask: torch.Tensor | None = None, batch_size: int | None = None) -> Conditions:
-        """Each condition from its own image: {name: (B or 1, 3, H, W) in [0, 1]} -> Conditions."""
+        """Each condition from its own image: {name: image} (see composer.pipelines.inputs) -> Conditions."""
         if self.decomposers is None:
             raise ValueError("this pipeline was loaded without decomposers; pass representations as conditions=")
         values: dict[str, Any] = {}
         keep: dict[str, torch.Tensor] = {}
+        device = self.unet.device
         for name, image in images.items():
             if name == "caption":
-                raise ValueError("give the caption as text (captions=[...]), not as an image")
+                raise ValueError("give the caption as text (captions=... or prompt=...), not as an image")
             if name not in self.decomposers.names:
                 raise ValueError(f"no decomposer for {name!r} in this pipeline; it has {', '.join(self.decomposers.names)}")
-            part = self.decomposers.decompose(image.to(self.device), names=[name], mask=mask)
-            values[name] = part[name]
+            picture = inputs.as_image(image, what=f"image for {name}").to(device)
+            values[name] = self.decomposers.decompose(picture, names=[name], mask=mask)[name]
+        captions = inputs.as_captions(captions, None)
         if captions is not None:
             if "caption" not in self.decomposers.names:
                 raise ValueError("this pipeline has no caption decomposer; it was trained without captions")
-            dummy = torch.zeros(len(captions), 3, 8, 8, device=self.device)
-            part = self.decomposers.decompose(dummy, captions=list(captions), names=["caption"])
-            values["caption"] = part["caption"]
-            keep["caption"] = part.keep("caption")
+            dummy = torch.zeros(len(captions), 3, 8, 8, device=device)
+            part = self.decomposers.decompose(dummy, captions=captions, names=["caption"])
+            values["caption"], keep["caption"] = part["caption"], part.keep("caption")
         return Conditions(values, keep, batch_size)
 
-    # --- sampling ----------------------------------------------------------------------------------------
+    # --- sampling -----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def __call__(
         self,
         conditions: Conditions | Mapping[str, Any] | None = None,
         *,
-        images: Mapping[str, torch.Tensor] | None = None,
-        captions: list[str] | None = None,
-        mask: torch.Tensor | None = None,
-        image: torch.Tensor | None = None,
-        num_inference_steps: int = 25,
-        guidance_scale: float = 3.0,
+        images: Mapping[str, Any] | None = None,
+        captions: str | list[str] | None = None,
+        prompt: str | list[str] | None = None,
+        mask: Any = None,
+        image: Any = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         away_from: Iterable[str] = (),
         condition_weights: Mapping[str, float] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_images_per_prompt: int = 1,
         output_type: str = "pil",
         return_dict: bool = True,
-        precision: str = "auto",
+        precision: str | None = None,
         sampler: str | None = None,
+        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
+        callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
         progress: bool = True,
     ):
         """Sample images composed from any subset of conditions.
 
-        conditions: a Conditions (or {name: representation}); images: {name: image (B|1, 3, H, W) in [0, 1]}
-        to decompose; captions: text per sample; mask (B|1, 1, h, w) with 1 = region to generate, together
-        with ``image`` (the original, (B|1, 3, h, w) in [0, 1]) for region edits: pixels outside the mask are
-        returned unchanged. generator: one, or one per output image (a batch then equals its singles).
+        conditions: a Conditions (or {name: representation}); images: {name: image} to decompose (PIL, array,
+        tensor (B|1, 3, H, W) in [0, 1] or path); captions / prompt: a str or one per sample; mask (1 = region
+        to generate) with ``image`` (the original, any size) for region edits: the result has the original's
+        size and every pixel outside the mask is the original's. generator: one, or one per output image (a
+        batch then equals its singles). Unset sampling arguments take the pipeline's saved defaults.
+        callback_on_step_end(pipe, i, t, {"latents": x}) may return {"latents": replacement}.
         """
-        # 1. Check inputs
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
-        if (mask is None) != (image is None):
-            raise ValueError("a region edit needs both mask= and image= (the original)")
-        device = self.device
-        size = int(self.unet.config.sample_size)
+        # 1. Check inputs and fill the saved defaults
+        settings = self._settings(num_inference_steps, guidance_scale, precision, output_type, height, width)
+        # 2. Encode the conditions (decompose images, encode captions)
+        conditions = self._conditions(conditions, images, inputs.as_captions(captions, prompt))
+        # 3. Prepare the region edit at the stage's size, and one sample per output image
+        edit = self._prepare_edit(image, mask, settings["size"])
+        if edit is not None:
+            conditions = self._with_masking(conditions, edit)
+        base = conditions.batch_size or (edit.image.shape[0] if edit is not None else 1)
+        conditions = _repeat(conditions, base, num_images_per_prompt).to(self.unet.device)
+        self.unet.check_conditions(conditions)
+        batch = base * num_images_per_prompt
+        # 4. Prepare the scheduler and the initial noise
+        scheduler = make_scheduler(sampler, self.scheduler.config) if sampler else self.scheduler
+        noise = initial_noise((batch, self.unet.config.out_channels, *settings["size"]), generator, self.unet.device)
+        hook = None if edit is None else self._edit_hook(edit, noise, num_images_per_prompt)
+        # 5. Denoise with the shared sampling loop
+        denoiser = self.denoiser
+        guided = Guidance(denoiser, scale=settings["guidance_scale"], away_from=away_from, weights=condition_weights)
+        x = sample(denoiser, scheduler, noise, conditions, num_inference_steps=settings["steps"], predict=guided,
+                   generator=generator, edit=hook, on_step_end=self._callback(callback_on_step_end),
+                   progress=self._progress(progress), autocast=lambda: autocast(settings["precision"], self.unet.device))
+        # 6. Post-process: exactly the original outside the mask, at its own size
+        return self._postprocess(x, edit, num_images_per_prompt, output_type, return_dict)
 
-        # 2. Build the conditions (decomposing images where given)
+    def _settings(self, steps, guidance_scale, precision, output_type, height, width) -> dict[str, Any]:
+        defaults = self.sampling
+        steps = defaults.steps if steps is None else int(steps)
+        guidance_scale = defaults.guidance_scale if guidance_scale is None else float(guidance_scale)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
+        if not np.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}")
+        size = int(self.unet.config.sample_size)
+        factor = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        height, width = int(height or size), int(width or size)
+        if height < factor or width < factor or height % factor or width % factor:
+            raise ValueError(f"height and width must be positive multiples of {factor} for this model, got "
+                             f"{height} x {width}")
+        return {"steps": steps, "guidance_scale": guidance_scale, "size": (height, width),
+                "precision": precision or defaults.precision}
+
+    def _conditions(self, conditions, images, captions) -> Conditions:
         if conditions is None:
             conditions = Conditions()
         elif not isinstance(conditions, Conditions):
             conditions = Conditions(dict(conditions))
+        _check_finite(conditions)
         if images or captions is not None:
-            extra = self.decompose(images or {}, captions, mask=None)
+            extra = self.decompose(images or {}, captions)
             conditions = Conditions({**conditions.values, **extra.values}, {**conditions.keep_masks, **extra.keep_masks})
-        edit_mask = edit_image = None
-        if mask is not None:
-            edit_image = torch.nn.functional.interpolate(image.float().to(device), size=(size, size), mode="area")
-            edit_mask = (torch.nn.functional.interpolate(mask.float().to(device), size=(size, size), mode="nearest") > 0.5).float()
-            if "masking" in self.unet.accepted_conditions and "masking" not in conditions.values:
-                masked = torch.cat([edit_image * (1 - edit_mask), edit_mask], dim=1)
-                conditions = Conditions({**conditions.values, "masking": masked}, dict(conditions.keep_masks))
-        base = conditions.batch_size or (image.shape[0] if image is not None else 1)
-        batch = base * num_images_per_prompt
-        generators = generator if isinstance(generator, list) else None
-        if generators is not None and len(generators) != batch:
-            raise ValueError(f"got {len(generators)} generators for {batch} images; give one per image or a single one")
-        conditions = _repeat(conditions, base, num_images_per_prompt).to(device)
-        self.unet.check_conditions(conditions)
+        return conditions
 
-        # 3. Prepare the sampler and the initial noise
-        sampler_name = sampler or self.sampler
-        scheduler = make_scheduler(sampler_name, self.scheduler.config)
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        step_kwargs: dict[str, Any] = {}
-        if sampler_name in SAMPLER_ETA:
-            step_kwargs["eta"] = SAMPLER_ETA[sampler_name]
-        if sampler_name in STOCHASTIC:  # per-image generators keep a batch equal to its singles
-            step_kwargs["generator"] = generators if generators is not None else generator
-        if generators is not None:
-            noise = torch.cat([torch.randn(1, 3, size, size, generator=g) for g in generators])
-        else:
-            noise = torch.randn(batch, 3, size, size, generator=generator)
-        x = noise.to(device) * scheduler.init_noise_sigma
-        if edit_mask is not None:
-            edit_mask = edit_mask.repeat_interleave(num_images_per_prompt, 0).expand(batch, 1, size, size)
-            edit_image = edit_image.repeat_interleave(num_images_per_prompt, 0).expand(batch, 3, size, size)
-            known = edit_image * 2 - 1
-            known_noise = noise.to(device)
+    def _prepare_edit(self, image, mask, size: tuple[int, int]) -> _Edit | None:
+        if (mask is None) != (image is None):
+            raise ValueError("a region edit needs both mask= and image= (the original)")
+        if mask is None:
+            return None
+        device = self.unet.device
+        image, mask = inputs.as_image(image, "image").to(device), inputs.as_mask(mask).to(device)
+        if image.shape[-2:] != mask.shape[-2:]:
+            raise ValueError(f"the mask is {tuple(mask.shape[-2:])} pixels but the image is {tuple(image.shape[-2:])}")
+        if mask.shape[0] not in (1, image.shape[0]):
+            raise ValueError(f"give one mask or one per image, got {mask.shape[0]} masks for {image.shape[0]} images")
+        mask = mask.expand(image.shape[0], -1, -1, -1)
+        small_image = resize_map(image, size, "smooth").clamp(0, 1)
+        small_mask = resize_map(mask, size, "lines")
+        return _Edit(image, mask, small_image, small_mask)
 
-        # 4. Denoise
-        for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False)):
-            model_input = scheduler.scale_model_input(x, t)
-            timesteps = t.reshape(1).expand(batch).to(device)
-            with autocast(precision, device):
-                if condition_weights:
-                    eps = composed_eps(self.unet, model_input, timesteps, conditions, dict(condition_weights))
-                elif guidance_scale == 1.0 or not conditions.present():
-                    eps = self.unet(model_input, timesteps, conditions)
-                else:
-                    eps = guided_eps(self.unet, model_input, timesteps, conditions, guidance_scale, away_from)
-            x = scheduler.step(eps.float(), t, x, **step_kwargs).prev_sample
-            # 5. Region edits (GLIDE-style): the known region follows the original, noised to the next level
-            if edit_mask is not None:
-                if i + 1 < len(scheduler.timesteps):
-                    level = scheduler.timesteps[i + 1].reshape(1)
-                    known_t = self.scheduler.add_noise(known, known_noise, level.cpu()).to(device)
-                else:
-                    known_t = known
-                x = known_t * (1 - edit_mask) + x * edit_mask
+    def _with_masking(self, conditions: Conditions, edit: _Edit) -> Conditions:
+        if "masking" not in self.unet.accepted_conditions or "masking" in conditions.values:
+            return conditions
+        masked = torch.cat([edit.small_image * (1 - edit.small_mask), edit.small_mask], dim=1)
+        return Conditions({**conditions.values, "masking": masked}, dict(conditions.keep_masks))
 
-        # 6. Post-process
+    def _edit_hook(self, edit: _Edit, noise: torch.Tensor, times: int) -> RegionEdit:
+        known = edit.small_image.repeat_interleave(times, 0) * 2 - 1
+        return RegionEdit(known=known, mask=edit.small_mask.repeat_interleave(times, 0), noise=noise)
+
+    def _callback(self, callback) -> Callable | None:
+        if callback is None:
+            return None
+
+        def on_step_end(i: int, t: torch.Tensor, x: torch.Tensor):
+            returned = callback(self, i, t, {"latents": x}) or {}
+            return returned.get("latents")
+
+        return on_step_end
+
+    def _progress(self, enabled: bool) -> Callable[[Iterable], Iterable]:
+        if not enabled:
+            return lambda steps: steps
+        return lambda steps: self.progress_bar(steps)
+
+    def _postprocess(self, x: torch.Tensor, edit: _Edit | None, times: int, output_type: str, return_dict: bool):
         if not bool(torch.isfinite(x).all()):
             raise RuntimeError("sampling produced non-finite values (NaN or inf): the model's weights have diverged "
                                "or its precision overflowed; try precision='fp32' or an earlier checkpoint")
         out = ((x.float() + 1) / 2).clamp(0, 1)
-        if edit_mask is not None:  # exactly the original outside the mask
-            out = edit_image * (1 - edit_mask) + out * edit_mask
-        if output_type == "pt":
-            result = out.cpu()
-        else:
-            array = out.permute(0, 2, 3, 1).cpu().numpy()
-            if output_type == "np":
-                result = array
-            else:
-                from PIL import Image
+        if edit is not None:
+            image = edit.image.repeat_interleave(times, 0)
+            mask = edit.mask.repeat_interleave(times, 0)
+            if out.shape[-2:] != image.shape[-2:]:
+                out = F.interpolate(out, size=image.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+            out = torch.where(mask > 0.5, out, image)  # exactly the original outside the mask
+        result = _convert(out, output_type)
+        return ComposerPipelineOutput(images=result) if return_dict else (result,)
 
-                result = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
-        return ComposerPipelineOutput(result) if return_dict else (result,)
+
+def _convert(out: torch.Tensor, output_type: str):
+    if output_type == "pt":
+        return out.cpu()
+    array = out.permute(0, 2, 3, 1).cpu().numpy()
+    if output_type == "np":
+        return array
+    from PIL import Image
+
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+
+
+def _check_finite(conditions: Conditions) -> None:
+    for name, value in conditions.values.items():
+        parts = value.values() if isinstance(value, dict) else [value]
+        if any(p.is_floating_point() and not bool(torch.isfinite(p).all()) for p in parts):
+            raise ValueError(f"condition {name!r} holds NaN or infinite values; recompute it")
 
 
 def _repeat(conditions: Conditions, base: int, times: int) -> Conditions:
@@ -302,41 +318,3 @@ def _repeat(conditions: Conditions, base: int, times: int) -> Conditions:
     values = {n: ({k: expand(t) for k, t in v.items()} if isinstance(v, dict) else expand(v)) for n, v in conditions.values.items()}
     keep = {n: expand(m) for n, m in conditions.keep_masks.items()}
     return Conditions(values, keep, base * times)
-
-
-def _portable_options(config: Mapping[str, Any], decomposer_dir: Path) -> dict[str, Any]:
-    """Copy weight files named in the options into decomposers/files/ and make the paths relative."""
-    from decomposers.clip import resolve_path
-
-    config = json.loads(json.dumps(config, default=list))
-    for options in (config.get("options") or {}).values():
-        for key in FILE_OPTIONS:
-            value = options.get(key)
-            if not isinstance(value, str):
-                continue
-            path = Path(resolve_path(value) or value)
-            if path.is_file():
-                target = decomposer_dir / "files" / path.name
-                target.parent.mkdir(exist_ok=True)
-                if path.resolve() != target.resolve():
-                    shutil.copyfile(path, target)
-                options[key] = str(Path("decomposers") / "files" / path.name)
-    return config
-
-
-def load_decomposer_set(config: Mapping[str, Any], directory: str | os.PathLike):
-    """The pipeline's DecomposerSet with its trainable decomposers' weights restored."""
-    from safetensors.torch import load_file
-
-    from decomposers.set import DecomposerSet
-
-    directory = Path(directory)
-    decomposers = DecomposerSet(config.get("enabled", []), config.get("options", {}), base_dir=directory)
-    for name, decomposer in decomposers.decomposers.items():
-        weights = directory / "decomposers" / name / "model.safetensors"
-        if getattr(decomposer, "trainable", False):
-            if not weights.is_file():
-                raise FileNotFoundError(f"{weights} is missing: the pipeline's trained {name} decomposer cannot be restored")
-            decomposer.load_state_dict(load_file(weights))
-            decomposer.eval().requires_grad_(False)
-    return decomposers

@@ -29,6 +29,10 @@ class TrainConfig:
     # where the global conditions (caption, image embedding, palette) decide the image; v weights it by
     # 1 / (1 - a) >= 1. Measured: two eps runs (30k and +13k images) learned to ignore all three global conditions.
     prediction_type: str = "v_prediction"
+    # Loss weighting over noise levels: "none" (plain MSE on the prediction) or "min_snr" (min-SNR-gamma,
+    # Hang et al. 2023: the x0 error weighted by min(SNR, snr_gamma)); see composer.diffusion.denoiser.
+    loss_weighting: str = "none"
+    snr_gamma: float = 5.0
     # Noise levels drawn in training, as fractions [lo, hi) of num_train_timesteps. SlotDiffusion's ablation:
     # fewer/lower noise levels sharpen slot segmentation and hurt generation; [0, 1] trains every level.
     timestep_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
@@ -37,8 +41,6 @@ class TrainConfig:
     log_every_steps: int = 20  # TensorBoard scalars every this many optimizer steps
     sample_every_images: int = 50_000  # EMA sample grid every this many images (0: only at the end)
     sample_images: int = 4  # held-out images per row of the sample grid
-    sample_steps: int = 25  # sampler steps for the grid
-    sample_guidance: float = 3.0  # guidance weight for the grid
     sample_shards: list[str] | None = None  # held-out shards for the grid (default: data.shards, another seed)
     tensorboard: bool = True
     progress: bool = True  # tqdm progress bar on the main process

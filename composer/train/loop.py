@@ -26,18 +26,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from composer.config import save_config
 from composer.data.loader import make_loader
+from composer.diffusion.denoiser import PREDICTION_TYPES, Denoiser, NoiseSchedule
 from composer.diffusion.dropout import DropoutPolicy
+from composer.pipelines import layout
 from composer.pipelines.composer_pipeline import ComposerPipeline
 from composer.train.accelerator import make_accelerator
-from composer.train.checkpoint import CheckpointStore, publish_directory, recover_directory, resolve_resume
 from composer.train.ema import EMA
 from composer.train.module import TrainingModule
 from composer.train.monitor import Monitor
 from composer.train.samples import centre_mask, compose_grid, condition_subsets, save_grid
 from composer.train.schedule import make_lr_scheduler
 from composer.train.seeding import step_generator
-from composer.train.state import TrainingState, load_checkpoint, save_checkpoint, write_json_atomic
-from composer.models.unet import build_model
+from composer.train.rundir import Run, open_run, recorded_config
+from composer.train.state import (TrainingState, load_checkpoint, save_checkpoint, stop_on_failed_write,
+                                  write_json_atomic)
+from composer.models.config import build_model
 from decomposers.set import DecomposerSet
 
 RAW_EXTRAS = ("instances", "classes", "depth")
@@ -48,15 +51,26 @@ def _extras(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tens
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run (or resume) training as configured; returns a summary (images seen, last loss, paths)."""
+    """Run (or resume) training as configured; returns a summary (images seen, last loss, paths).
+    Raises RunError (one line) when output_dir is in use by another trainer, holds a run while neither
+    --resume nor --overwrite was given, or has no checkpoint fit to resume; nothing in it is changed then."""
+    tcfg = cfg.train
+    accelerator = make_accelerator(device=tcfg.device, mixed_precision=tcfg.mixed_precision,
+                                   grad_accumulation=tcfg.grad_accumulation, project_dir=str(cfg.output_dir))
+    expected = TrainingState(world_size=accelerator.num_processes, batch_size=int(cfg.data.batch_size),
+                             grad_accumulation=tcfg.grad_accumulation, seed=cfg.seed)
+    run = open_run(accelerator, cfg.output_dir, resume=tcfg.resume, overwrite=bool(tcfg.get("overwrite", False)),
+                   keep=tcfg.keep_checkpoints, expected=expected, say=lambda line: print(line, flush=True))
+    try:
+        return _train(cfg, accelerator, run)
+    finally:
+        run.close()
+
+
+def _train(cfg: DictConfig, accelerator, run: Run) -> dict[str, Any]:
     tcfg = cfg.train
     out = Path(cfg.output_dir)
-    accelerator = make_accelerator(device=tcfg.device, mixed_precision=tcfg.mixed_precision,
-                                   grad_accumulation=tcfg.grad_accumulation, project_dir=str(out))
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out)
 
     # 1. Decomposers, model, optimiser, schedules
     decomposers = DecomposerSet.from_config(cfg.decomposers).to(device)
@@ -80,21 +94,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module, optimizer, lr_scheduler = accelerator.prepare(module, optimizer, lr_scheduler)
     ema = EMA(accelerator.unwrap_model(module), decay=tcfg.ema_decay, warmup=tcfg.ema_warmup)
     noise_scheduler = make_noise_scheduler(tcfg)
+    denoiser = make_denoiser(tcfg, noise_scheduler)  # the loss; the network is called through the module
     dropout = DropoutPolicy(cfg.dropout)
 
     # 2. Resume
-    store = CheckpointStore(out / "checkpoints", keep=tcfg.keep_checkpoints)
+    store = run.store  # output_dir is locked and checked (rundir.open_run)
     if accelerator.is_main_process:
         store.remove_leftovers()
-        recover_directory(out / "pipeline")
+        layout.recover(out / "pipeline")
     accelerator.wait_for_everyone()
-    data_state = None
-    resume = resolve_resume(tcfg.resume, store)
-    if resume is not None:
-        state, data_state = load_checkpoint(accelerator, resume, ema, state)
+    resume, loaded, data_state = run.load(  # falls back to the next verified checkpoint when loading fails
+        lambda path: load_checkpoint(accelerator, path, ema, state),
+        lambda: {**accelerator.unwrap_model(module).state_dict(), **{f"EMA {k}": v for k, v in ema.shadow.items()}})
+    state = loaded or state
+    if accelerator.is_main_process:
+        save_config(recorded_config(cfg), out)
     loader = make_loader(cfg.data, seed=cfg.seed, rank=rank, world_size=world, state=data_state)
     monitor = Monitor(out / "tensorboard" if tcfg.tensorboard else None, enabled=accelerator.is_main_process,
-                      progress=tcfg.progress, total_images=tcfg.total_images, initial_images=state.images_seen)
+                      progress=tcfg.progress, total_images=tcfg.total_images, initial_images=state.images_seen,
+                      accelerator=accelerator)
     if resume is not None:
         monitor.write(f"resumed from {resume} at {state.images_seen} images (step {state.step})")
     elif init_report is not None:
@@ -129,7 +147,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             keep = dropout.sample(decomposers.names, images.shape[0], generator)
             noise = torch.randn(images.shape, generator=generator).to(device)
             timesteps = torch.randint(t_low, t_high, (images.shape[0],), generator=generator).to(device)
-            noisy = noise_scheduler.add_noise(images * 2 - 1, noise, timesteps)
+            noisy = denoiser.add_noise(images * 2 - 1, noise, timesteps)
             times["decompose"] = time.perf_counter() - start
             start = time.perf_counter()
 
@@ -139,11 +157,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
             with accelerator.accumulate(module):
                 with accelerator.autocast():
-                    eps = module(noisy, timesteps, conditions, {k: v.to(device) for k, v in keep.items()},
-                                 trainable if trainable_names else None)
-                target = noise if tcfg.prediction_type == "epsilon" else noise_scheduler.get_velocity(
-                    images * 2 - 1, noise, timesteps)
-                loss = F.mse_loss(eps.float(), target.float())
+                    prediction = module(noisy, timesteps, conditions, {k: v.to(device) for k, v in keep.items()},
+                                        trainable if trainable_names else None)
+                loss = denoiser.loss(prediction, images * 2 - 1, noise, timesteps)
                 finite = accelerator.gather(torch.isfinite(loss.detach()).reshape(1).float()).min().item() == 1.0
                 if finite:
                     accelerator.backward(loss)
@@ -182,10 +198,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     with open(loss_log, "a") as handle:
                         handle.write(f"{state.images_seen},{scalars['train/loss']:.6f}\n")
         if done or (next_checkpoint and state.images_seen >= next_checkpoint):
-            save_checkpoint(accelerator, store, state, ema, loader.state_dict())
+            save_checkpoint(accelerator, store, state, ema, loader.state_dict(), model=accelerator.unwrap_model(module))
             if accelerator.is_main_process:
-                _publish_pipeline(accelerator.unwrap_model(module), ema, decomposers, cfg, noise_scheduler,
-                                  out / "pipeline")
+                with stop_on_failed_write("the EMA pipeline folder", out / "pipeline", store):
+                    _publish_pipeline(accelerator.unwrap_model(module), ema, decomposers, cfg, noise_scheduler,
+                                      out / "pipeline")
             next_checkpoint = _next_multiple(state.images_seen, tcfg.checkpoint_every_images)
         if accelerator.is_main_process and (done or (next_sample and state.images_seen >= next_sample)):
             _sample_grid(out / "pipeline", held_out, cfg, state.images_seen, monitor, device)
@@ -200,17 +217,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         digests = gather_object([digest])
         if len(set(digests)) > 1:
             monitor.write(f"WARNING: the {world} replicas ended with different weights (digests {digests})")
+    loader_skipped = monitor.sum_over_processes(loader.skipped())
     if accelerator.is_main_process:
         write_json_atomic(out / "run_summary.json", {
             "images_seen": state.images_seen, "step": state.step, "skipped_steps": state.skipped_steps,
             "last_loss": last_loss, "world_size": world, "replica_digests": digests,
-            "loader_skipped": loader.skipped(), "resumed_from": str(resume) if resume is not None else None,
+            "loader_skipped": loader_skipped, "resumed_from": str(resume) if resume is not None else None,
             "session_images": state.images_seen - session_images,
             "session_seconds": round(time.perf_counter() - session_start, 1)})
     accelerator.end_training()
     return {"images_seen": state.images_seen, "parameter_digest": digest, "replica_digests": digests, "step": state.step, "last_loss": last_loss,
             "skipped_steps": state.skipped_steps, "pipeline": str(out / "pipeline"), "losses": losses,
-            "loader_skipped": loader.skipped()}
+            "loader_skipped": loader_skipped}
 
 
 def parameter_digest(module: torch.nn.Module) -> str:
@@ -250,13 +268,11 @@ def load_initial_weights(module: TrainingModule, source: str | Path) -> str:
     state: dict[str, torch.Tensor] = {}
     if (source / "ema.safetensors").is_file() or (source / "model.safetensors").is_file():
         state = load_file(source / ("ema.safetensors" if (source / "ema.safetensors").is_file() else "model.safetensors"))
-    elif (source / "unet" / "diffusion_pytorch_model.safetensors").is_file():
-        state = {f"unet.{k}": v for k, v in load_file(source / "unet" / "diffusion_pytorch_model.safetensors").items()}
-        for path in sorted((source / "decomposers").glob("*/model.safetensors")):
-            state.update({f"decomposers.{path.parent.name}.{k}": v for k, v in load_file(path).items()})
+    elif layout.is_pipeline_folder(source):
+        state = layout.weights(source)
     else:
         raise ValueError(f"train.init_from={source}: not a checkpoint folder (model.safetensors) or a pipeline "
-                         "folder (unet/diffusion_pytorch_model.safetensors); pass e.g. runs/tiny/checkpoints/<name>")
+                         "folder (model_index.json); pass e.g. runs/tiny/checkpoints/<name> or runs/tiny/pipeline")
     own = module.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if mismatched:
@@ -272,10 +288,17 @@ def load_initial_weights(module: TrainingModule, source: str | Path) -> str:
     return f"initialised from {source}: {len(matched)} tensors loaded, {fresh} new (fresh), {ignored} ignored"
 
 
+def make_denoiser(tcfg: DictConfig, noise_scheduler: DDPMScheduler) -> Denoiser:
+    """The parameterisation and loss of a run (train.prediction_type, train.loss_weighting, train.snr_gamma)."""
+    return Denoiser(None, NoiseSchedule.from_config(noise_scheduler.config), prediction_type=tcfg.prediction_type,
+                    loss_weighting=tcfg.loss_weighting, snr_gamma=tcfg.snr_gamma)
+
+
 def make_noise_scheduler(tcfg: DictConfig) -> DDPMScheduler:
     """The training noise schedule; saved with the pipeline, so samplers inherit its prediction type."""
-    if tcfg.prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"train.prediction_type must be 'epsilon' or 'v_prediction', got {tcfg.prediction_type!r}")
+    if tcfg.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"train.prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
+                         f"got {tcfg.prediction_type!r}")
     return DDPMScheduler(num_train_timesteps=tcfg.num_train_timesteps, beta_schedule=tcfg.beta_schedule,
                          prediction_type=tcfg.prediction_type)
 
@@ -295,20 +318,24 @@ def _next_multiple(images_seen: int, every: int) -> int:
 
 def _publish_pipeline(module: TrainingModule, ema: EMA, decomposers: DecomposerSet, cfg: DictConfig,
                       noise_scheduler: DDPMScheduler, final: Path) -> None:
-    """Write the EMA weights as a pipeline folder, atomically replacing the previous one."""
-    from safetensors.torch import save_file
+    """Write the EMA weights (UNet and trainable decomposers) as a pipeline folder, atomically replacing the
+    previous one (composer.pipelines.layout.publish)."""
+    from composer.diffusion.schedulers import make_scheduler
 
     averaged = copy.deepcopy(module).cpu()
     ema.copy_to(averaged)
     averaged.eval()
-    staging = final.with_name(f"{final.name}.tmp-{int(time.time() * 1000)}")
-    config = OmegaConf.to_container(cfg.decomposers, resolve=True)
-    pipeline = ComposerPipeline(averaged.unet, noise_scheduler, decomposers, config, sampler=cfg.sample.scheduler)
-    pipeline.save_pretrained(staging)
-    for name, decomposer in averaged.decomposers.items():  # trainable decomposers: their EMA weights
-        state = {k: v.detach().contiguous() for k, v in decomposer.state_dict().items()}
-        save_file(state, staging / "decomposers" / name / "model.safetensors")
-    publish_directory(staging, final)
+    live = {name: decomposers.decomposers[name] for name in averaged.decomposers}
+    try:  # the published set carries the EMA copies of the trainable decomposers
+        for name, decomposer in averaged.decomposers.items():
+            decomposers.decomposers[name] = decomposer
+        pipeline = ComposerPipeline(averaged.unet, make_scheduler(cfg.sample.scheduler, noise_scheduler.config),
+                                    decomposers, prediction_type=cfg.train.prediction_type,
+                                    sampling=OmegaConf.to_container(cfg.sample, resolve=True))
+        layout.publish(pipeline, final)
+    finally:
+        for name, decomposer in live.items():
+            decomposers.decomposers[name] = decomposer
 
 
 def _held_out_batch(cfg: DictConfig, device: torch.device) -> dict[str, Any] | None:
@@ -340,8 +367,7 @@ def _sample_grid(pipeline_dir: Path, batch: dict[str, Any] | None, cfg: DictConf
     rows = []
     for label, names in condition_subsets(pipe.decomposers.names):
         generators = [torch.Generator().manual_seed(1000 + i) for i in range(count)]
-        out = pipe(conditions.subset(names), num_inference_steps=cfg.train.sample_steps,
-                   guidance_scale=cfg.train.sample_guidance, generator=generators, output_type="pt", progress=False)
+        out = pipe(conditions.subset(names), generator=generators, output_type="pt", progress=False)
         rows.append((label, out.images))
     grid = compose_grid(images.cpu(), rows)
     path = save_grid(grid, pipeline_dir.parent / "samples" / f"grid-{images_seen:012d}.png")

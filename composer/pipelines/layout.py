@@ -1,0 +1,207 @@
+"""The pipeline folder: the one module that reads and writes it.
+
+    model_index.json        diffusers' index: the class, its components, and the pipeline's own settings:
+                            prediction_type, sampling defaults, and ``stages`` (the base now; the cascade
+                            adds its upsamplers)
+    unet/                   ComposerUNet: config.json + composer_unet.safetensors
+    scheduler/              scheduler_config.json: the sampler, on the model's training noise schedule
+    decomposers/            the DecomposerSet: config.yaml, copied weight files, trainable weights
+                            (decomposers.folder)
+
+Folders are published atomically (written beside the old one, then swapped), so a reader never sees a
+half-written folder and a crash leaves the previous one. Folders of wave 1 (index entries
+"composer.unet", a "sampler" key) still load, and ``upgrade`` converts one in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+INDEX_NAME = "model_index.json"
+STAGING_MARK = ".tmp-"  # FINAL.tmp-PID-MS: a folder being written
+RETIRED_MARK = ".old"  # FINAL.old: the previous folder, between the two renames of a swap
+
+
+def base_stage(resolution: int) -> dict[str, Any]:
+    return {"name": "base", "component": "unet", "resolution": int(resolution)}
+
+
+# --- reading -----------------------------------------------------------------------------------------------
+
+def local_folder(source: str | os.PathLike, **hub_kwargs: Any) -> Path:
+    """A local pipeline folder for a path or a hub id (fetched, or taken from the Hugging Face cache)."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    text = str(source)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise FileNotFoundError(f"{source} is not a pipeline folder (no model_index.json); give the folder written by "
+                                "`composer-diffusion train` (output_dir/pipeline) or a hub id org/name")
+    from diffusers import DiffusionPipeline
+
+    try:
+        return Path(DiffusionPipeline.download(text, **hub_kwargs))
+    except Exception as error:  # hub errors come in many classes; one line naming the id
+        raise FileNotFoundError(f"hub id {text!r} is neither cached nor downloadable here "
+                                f"({type(error).__name__}); give a local folder") from None
+
+
+def read_index(folder: str | os.PathLike) -> dict[str, Any]:
+    path = Path(folder) / INDEX_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a pipeline folder (no {INDEX_NAME}); give the folder written by "
+                                "`composer-diffusion train` (output_dir/pipeline)")
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{path} is not valid JSON: the folder is damaged; re-save or re-download it") from None
+    if not isinstance(index, dict) or index.get("_class_name") != "ComposerPipeline":
+        raise ValueError(f"{path} does not describe a ComposerPipeline")
+    return index
+
+
+def is_legacy(index: dict[str, Any]) -> bool:
+    """Written by wave 1: component modules named composer.unet, the sampler as a name."""
+    return "sampler" in index or (index.get("unet") or [None])[0] == "composer.unet"
+
+
+def load_legacy(folder: Path, *, load_decomposers: bool = True, trust_pickle: bool = False) -> dict[str, Any]:
+    """The constructor arguments of ComposerPipeline from a wave-1 folder."""
+    from diffusers import DDPMScheduler
+
+    from composer.diffusion.schedulers import make_scheduler
+    from composer.models.unet import ComposerUNet
+    from decomposers.folder import load_decomposers
+
+    index = read_index(folder)
+    training = DDPMScheduler.from_pretrained(folder / "scheduler")
+    sampler = index.get("sampler", "ddpm")
+    decomposers = None
+    if load_decomposers and (folder / "decomposers" / "config.yaml").is_file():
+        decomposers = load_decomposers(folder / "decomposers", trust_pickle=trust_pickle)
+    return {"unet": ComposerUNet.from_pretrained(folder / "unet"),
+            "scheduler": make_scheduler(sampler, training.config), "decomposers": decomposers,
+            "prediction_type": training.config.prediction_type, "sampling": {"scheduler": sampler}}
+
+
+def is_pipeline_folder(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / INDEX_NAME).is_file()
+
+
+def weights(folder: str | os.PathLike) -> dict[str, Any]:
+    """Every trained tensor of a pipeline folder, named as in the training module: ``unet.*`` and
+    ``decomposers.<name>.*`` (trainable decomposers); for warm starts."""
+    from safetensors.torch import load_file
+
+    from composer.models.unet import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
+    from decomposers.folder import WEIGHTS_NAME as DECOMPOSER_WEIGHTS
+
+    folder = Path(folder)
+    read_index(folder)
+    unet = folder / "unet" / WEIGHTS_NAME
+    if not unet.is_file():
+        unet = folder / "unet" / LEGACY_WEIGHTS_NAME
+    if not unet.is_file():
+        raise FileNotFoundError(f"{folder} has no UNet weights (unet/{WEIGHTS_NAME})")
+    state = {f"unet.{k}": v.float() if v.is_floating_point() else v for k, v in load_file(unet).items()}
+    for path in sorted((folder / "decomposers").glob(f"*/{DECOMPOSER_WEIGHTS}")):
+        state.update({f"decomposers.{path.parent.name}.{k}": v for k, v in load_file(path).items()})
+    return state
+
+
+def has_decomposers(folder: Path) -> bool:
+    return (folder / "decomposers" / "config.yaml").is_file()
+
+
+# --- writing -----------------------------------------------------------------------------------------------
+
+def publish(pipe: Any, final: str | os.PathLike, **save_kwargs: Any) -> Path:
+    """Write ``pipe`` to ``final`` atomically: into a staging folder beside it, then swapped in."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f"{final.name}{STAGING_MARK}{os.getpid()}-{int(time.time() * 1000)}")
+    try:
+        pipe.save_pretrained(staging, **save_kwargs)
+        swap_in(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def swap_in(staging: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Replace folder ``final`` by the fully written folder ``staging`` (fsynced first). Folders cannot be
+    swapped in one rename, so the old one is renamed to FINAL.old first; ``recover`` puts it back if the
+    process dies between the two renames."""
+    staging, final = Path(staging), Path(final)
+    _fsync_tree(staging)
+    old = final.with_name(final.name + RETIRED_MARK)
+    if old.exists():
+        if final.exists():
+            shutil.rmtree(old)
+        else:
+            os.rename(old, final)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(staging, final)
+    _fsync(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def recover(final: str | os.PathLike) -> None:
+    """After a crash: put FINAL.old back if the new folder never arrived; drop staging leftovers."""
+    final = Path(final)
+    old = final.with_name(final.name + RETIRED_MARK)
+    if old.exists():
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, final)
+    if final.parent.is_dir():
+        for leftover in final.parent.glob(f"{final.name}{STAGING_MARK}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            _fsync(path)
+    _fsync(root)
+
+
+def upgrade(folder: str | os.PathLike, *, weights_dtype: Any = None) -> Path:
+    """Convert a wave-1 pipeline folder in place (atomically) to today's layout."""
+    from composer.pipelines.composer_pipeline import ComposerPipeline
+
+    folder = Path(folder)
+    pipe = ComposerPipeline(**load_legacy(folder))
+    return publish(pipe, folder, weights_dtype=weights_dtype)
+
+
+if __name__ == "__main__":  # python -m composer.pipelines.layout upgrade FOLDER [--fp16]
+    import sys
+
+    if len(sys.argv) < 3 or sys.argv[1] != "upgrade":
+        sys.exit("usage: python -m composer.pipelines.layout upgrade FOLDER [--fp16]")
+    import torch
+
+    print(upgrade(sys.argv[2], weights_dtype=torch.float16 if "--fp16" in sys.argv else None))
