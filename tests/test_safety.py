@@ -413,3 +413,17 @@ def test_edit_with_an_rgba_mask_keeps_every_pixel_outside_it(pipeline_folder):
     outside[30:46, 20:44] = False
     assert np.array_equal(original[outside], edited[outside])
     assert not np.array_equal(original[~outside], edited[~outside])
+
+
+def test_a_corrupt_image_never_makes_ultralytics_install_a_plugin(tmp_path, monkeypatch):
+    """ultralytics wraps Image.open: on an unidentified file it pip-installs a HEIF plugin and retries."""
+    import ultralytics.utils.checks  # noqa: F401  (importing ultralytics applies its Image.open patch)
+    import ultralytics.utils.patches  # noqa: F401
+
+    from composer.data.decode import SampleError, decode_rgb
+
+    calls = []
+    monkeypatch.setattr(ultralytics.utils.checks, "check_requirements", lambda *a, **k: calls.append(a))
+    with pytest.raises(SampleError, match="UnidentifiedImageError"):
+        decode_rgb(b"\x89PNG\r\n\x1a\n" + bytes(40), 1_000_000)
+    assert calls == []

@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     wanted = only if only is not None else list(cfg.decomposers.enabled)
     options = {k: dict(v) for k, v in dict(cfg.decomposers.options).items()}
     missing = [f"decomposers.options.{name}.{key}" for name, key in WEIGHT_OPTIONS.items()
-               if name in wanted and not options.get(name, {}).get(key)]
+               if name in wanted and not options.get(name, {}).get(key)
+               and not str(options.get(name, {}).get("model_name", "")).startswith("hf-hub:")]
     if missing:
         names_missing = ", ".join(m.split(".")[2] for m in missing)
         verb = "needs" if len(missing) == 1 else "need"

@@ -7,6 +7,7 @@ Every failure raises ``SampleError`` with a short reason that the loader counts
 from __future__ import annotations
 
 import io
+import sys
 import warnings
 
 import numpy as np
@@ -24,6 +25,17 @@ class SampleError(Exception):
         self.reason = reason
 
 
+def _pil_open():
+    """Pillow's own ``Image.open``. Importing ultralytics replaces it with a wrapper that, on a file Pillow
+    cannot identify, tries to install and register a HEIF plugin (pip, logging); a corrupt sample must
+    simply be skipped."""
+    opener = Image.open
+    if getattr(opener, "__module__", "").startswith("ultralytics"):
+        patches = sys.modules.get(opener.__module__)
+        opener = getattr(patches, "_image_open", opener)
+    return opener
+
+
 def _open_checked(data: bytes, max_pixels: int, min_side: int | None = None) -> Image.Image:
     """The decoded image, its declared pixel count checked against ``max_pixels`` before any decoding.
 
@@ -33,7 +45,7 @@ def _open_checked(data: bytes, max_pixels: int, min_side: int | None = None) -> 
     factor (to no less than twice ``min_side``), so a small file that declares a large image costs little memory either way.
     """
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
+        image = _pil_open()(io.BytesIO(data))  # reads the header only
     except Image.DecompressionBombError:
         raise SampleError("too_large", "larger than Pillow's decompression-bomb limit") from None
     except Exception as error:
