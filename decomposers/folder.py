@@ -40,6 +40,13 @@ def portable_options(options: Mapping[str, Mapping[str, Any]], directory: Path,
             source = Path(resolve_path(value, base_dir, option=f"decomposers.options.{name}.{key}") or value)
             if not source.exists():
                 continue  # a model name or hub id, resolved by its library
+            if (name == "instances" and source.is_file() and source.suffix != ".safetensors") or (
+                    name == "depth" and source.is_dir() and not any(source.glob("*.safetensors"))):
+                from decomposers.portable import place_file  # a pickle becomes safetensors: folders hold none
+
+                target = place_file(name, key, source.resolve(), directory / "files")
+                values[key] = f"{SUBFOLDER}/files/{target.name}"
+                continue
             target = directory / "files" / (source.name if source.is_file() else f"{name}-{source.name}")
             target.parent.mkdir(parents=True, exist_ok=True)
             if source.resolve() != target.resolve():

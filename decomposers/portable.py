@@ -1,27 +1,18 @@
-"""Copy the weights a decomposer config names into a pipeline folder, pickle-free, with relative paths.
+"""Put a weight file or folder into a pipeline folder's decomposers/files/ without pickles.
 
-``portable_options(config, decomposer_dir)`` is what a pipeline folder writer calls: every file or folder
-named by a file option (``pretrained``, ``model_config_file``, ``weights``) is placed under
-``decomposers/files/`` and the option rewritten to that relative path, so the folder works on another
-machine and loads under the folder rules of ``decomposers.paths``:
+``place_file`` is what ``decomposers.folder.portable_options`` calls for weights that need more than a
+copy, so that the folder loads under the rules of ``decomposers.paths``:
 
 - YOLO ``.pt`` weights (instances) are converted to safetensors (``decomposers.instances.convert_yolo``);
 - a transformers depth-model folder is saved again with ``save_pretrained`` (safetensors only);
-- any other folder is copied without pickle files; other files are copied as they are;
-- hub ids (``org/name``, ``hf-hub:org/name``) and open_clip tags stay as they are (read from the cache).
+- any other folder is copied without pickle files; other files are copied as they are.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-from decomposers.paths import resolve_path
-from decomposers.set import FILE_OPTIONS
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 
@@ -81,27 +72,3 @@ def place_file(name: str, key: str, source: Path, files: Path) -> Path:
     if not target.exists():
         shutil.copyfile(source, target)
     return target
-
-
-def portable_options(config: Mapping[str, Any], decomposer_dir: str | Path) -> dict[str, Any]:
-    """A copy of ``config`` (enabled + options) whose file options point inside the pipeline folder; the
-    files are written under ``decomposer_dir/files`` (``decomposer_dir`` is the folder's decomposers/)."""
-    decomposer_dir = Path(decomposer_dir)
-    folder = decomposer_dir.parent
-    files = decomposer_dir / "files"
-    config = json.loads(json.dumps(dict(config), default=list))
-    for name, options in (config.get("options") or {}).items():
-        for key in FILE_OPTIONS:
-            value = options.get(key)
-            if not isinstance(value, str) or value.startswith("hf-hub:"):
-                continue
-            path = Path(resolve_path(value) or value)
-            if not path.exists():
-                continue  # an open_clip tag or a hub id: read from the cache at load time
-            path = path.resolve()
-            if folder.resolve() in path.parents and path.suffix not in PICKLE_SUFFIXES:
-                options[key] = str(path.relative_to(folder.resolve()))  # already inside the folder
-                continue
-            target = place_file(name, key, path, files)
-            options[key] = str(target.relative_to(folder))
-    return config

@@ -147,17 +147,16 @@ def test_the_converter_reads_a_crafted_pt_without_running_it(tmp_path, capsys):
     assert not marker.exists() and not (tmp_path / "out" / "evil.safetensors").exists()
 
 
-def test_portable_options_convert_a_pt_into_the_folder(tiny_yolo, tmp_path):
-    from decomposers.portable import portable_options
+def test_a_saved_pipeline_folder_holds_the_yolo_weights_as_safetensors(tiny_yolo, tmp_path):
+    from decomposers.folder import load_decomposers, save_decomposers
 
-    folder = tmp_path / "pipe"
-    (folder / "decomposers").mkdir(parents=True)
-    config = portable_options({"enabled": ["instances"], "options": {"instances": {"weights": str(tiny_yolo)}}},
-                              folder / "decomposers")
-    weights = config["options"]["instances"]["weights"]
-    assert weights == "decomposers/files/tiny-seg.safetensors" and (folder / weights).is_file()
-    assert not list((folder / "decomposers" / "files").glob("*.pt"))
-    DecomposerSet(["instances"], config["options"], base_dir=folder).decompose(torch.rand(1, 3, 64, 64))
+    decomposers = DecomposerSet(["instances"], {"instances": {"weights": str(tiny_yolo), "image_size": 64}})
+    save_decomposers(decomposers, tmp_path / "pipe" / "decomposers")
+    files = tmp_path / "pipe" / "decomposers" / "files"
+    assert [p.name for p in files.iterdir()] == ["tiny-seg.safetensors"]
+    loaded = load_decomposers(tmp_path / "pipe" / "decomposers")
+    assert loaded.decomposers["instances"].weights == str((files / "tiny-seg.safetensors").resolve())
+    assert loaded.decompose(torch.rand(1, 3, 64, 64))["instances"].shape == (1, 5, 64, 64)
 
 
 # --- 2. paths ------------------------------------------------------------------------------------------
