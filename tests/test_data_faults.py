@@ -202,3 +202,169 @@ def test_loader_workers_die_with_their_parent(tmp_path):
         for pid in workers:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# --- writes that cannot destroy ---------------------------------------------------------------------------
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden ones included) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _photos(folder: Path, count: int = 3) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        (folder / f"p{i}.jpg").write_bytes(_jpeg(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)))
+        (folder / f"p{i}.txt").write_text(f"photo {i}")
+    return folder
+
+
+def test_a_failing_scenes_overwrite_keeps_the_old_shards_byte_identical(tmp_path, monkeypatch):
+    from composer.cli import main
+    import composer.data.shards as shards_module
+
+    out = tmp_path / "scenes"
+    assert main(["scenes", "--num", "3", "--out", str(out), "--shard-size", "2"]) == 0
+    before = _snapshot(out)
+    real = shards_module.generate_scene
+
+    def fails_on_the_third(seed, index, *args, **kwargs):
+        if index == 2:
+            raise ValueError("scene 2 cannot be rendered")
+        return real(seed, index, *args, **kwargs)
+
+    monkeypatch.setattr(shards_module, "generate_scene", fails_on_the_third)
+    assert main(["scenes", "--num", "5", "--out", str(out), "--shard-size", "2", "--overwrite", "--seed", "7"]) == 2
+    assert _snapshot(out) == before  # the old shards, and nothing else (no temporary folder left)
+    monkeypatch.setattr(shards_module, "generate_scene", real)
+    # a successful overwrite with fewer shards replaces them all: no old shard is left to mix in
+    assert main(["scenes", "--num", "1", "--out", str(out), "--overwrite", "--seed", "7"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["scenes-000000.tar"]
+    assert _snapshot(out)["scenes-000000.tar"] != before["scenes-000000.tar"]
+
+
+def test_a_failing_shards_overwrite_keeps_the_old_shards(tmp_path, capsys):
+    from composer.cli import main
+
+    photos = _photos(tmp_path / "photos")
+    out = tmp_path / "shards"
+    assert main(["shards", str(photos), "--out", str(out)]) == 0
+    before = _snapshot(out)
+    (photos / "p1.txt").write_bytes(b"\xff\xfe not utf-8 \x80")  # one undecodable caption
+    capsys.readouterr()
+    assert main(["shards", str(photos), "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().replace("\r", "\n").splitlines()[-1]  # after the progress bar
+    assert err.startswith("composer-diffusion shards: error:") and "p1.txt" in err and "UTF-8" in err
+    assert _snapshot(out) == before
+    # a bad argument is refused before anything is touched
+    assert main(["shards", str(photos), "--out", str(out), "--overwrite", "--shard-size", "0"]) == 2
+    assert "--shard-size" in capsys.readouterr().err
+    assert _snapshot(out) == before
+    # a folder whose files are all unreadable replaces nothing either
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.jpg").write_bytes(b"not a jpeg")
+    assert main(["shards", str(junk), "--out", str(out), "--overwrite"]) == 2
+    assert _snapshot(out) == before
+
+
+def test_shards_leave_out_a_truncated_jpeg_whose_header_decodes(tmp_path, capsys):
+    from composer.cli import main
+
+    photos = _photos(tmp_path / "photos", 2)
+    whole = (photos / "p1.jpg").read_bytes()
+    (photos / "p1.jpg").write_bytes(whole[: len(whole) * 2 // 3])  # the header (and size) still read
+    with Image.open(photos / "p1.jpg") as image:
+        assert image.size == (32, 24)
+    assert main(["shards", str(photos), "--out", str(tmp_path / "out")]) == 0
+    assert "skipped 1" in capsys.readouterr().out
+    with tarfile.open(tmp_path / "out" / "images-000000.tar") as tar:
+        names = tar.getnames()
+    assert "000000000.jpg" in names and not any(n.startswith("000000001.") for n in names)
+
+
+def _precompute_input(tmp_path: Path) -> Path:
+    from composer.data.shards import write_scene_shards
+
+    write_scene_shards(tmp_path / "in", 4, 64, seed=1, shard_size=2, progress=False)
+    return tmp_path / "in"
+
+
+def _fails(run, words: str) -> bool:
+    """The command failed with ``words``: a non-zero exit (the CLI's one line) or the exception itself."""
+    try:
+        return run() != 0
+    except RuntimeError as error:
+        return words in str(error)
+
+
+def test_a_failing_precompute_keeps_the_old_output_and_leaves_no_partial(tmp_path, monkeypatch):
+    from composer.cli import main
+    from decomposers.set import DecomposerSet
+
+    source = _precompute_input(tmp_path)
+    out = tmp_path / "pre"
+    args = ["precompute", "--shards", str(source / "scenes-*.tar"), "--only", "palette", "--out", str(out),
+            "--batch-size", "1"]
+    assert main(args) == 0
+    before = _snapshot(out)
+    assert sorted(before) == ["scenes-000000.tar", "scenes-000001.tar"]
+    assert main(args) == 2  # existing outputs are replaced only with --overwrite
+    real, calls = DecomposerSet.decompose, []
+
+    def fails_on_the_third_batch(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("decomposer crashed")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(DecomposerSet, "decompose", fails_on_the_third_batch)
+    # in the second shard, the first done
+    assert _fails(lambda: main([*args, "--overwrite", "--only", "palette,sketch"]), "decomposer crashed")
+    assert _snapshot(out) == before  # no .partial, no temporary folder, old shards as they were
+    # into a fresh folder: a failure leaves no folder at all
+    calls.clear()
+    assert _fails(lambda: main([*args[:-3], str(tmp_path / "fresh"), "--batch-size", "1"]), "decomposer crashed")
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_precompute_validates_before_writing_and_names_an_unreadable_shard(tmp_path, capsys):
+    from composer.cli import main
+
+    source = _precompute_input(tmp_path)
+    out = tmp_path / "pre"
+    base = ["precompute", "--shards", str(source / "scenes-*.tar"), "--out", str(out)]
+    for bad in (["--only", "palette", "--batch-size", "0"], ["--only", " , "], ["--only", "palette", "--device", "gpu9"]):
+        assert main([*base, *bad]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+        assert not out.exists()
+    (tmp_path / "broken.tar").write_bytes(os.urandom(3000))  # not a tar at all
+    assert main(["precompute", "--shards", str(source / "scenes-000000.tar"), "--shards", str(tmp_path / "broken.tar"),
+                 "--only", "palette", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "broken.tar" in err and "cannot be read" in err
+    assert not out.exists()
+    # a corrupt ground-truth member is one skipped sample, not a crash
+    with tarfile.open(source / "scenes-000000.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    first = sorted(members)[0].split(".")[0]
+    members[f"{first}.instances.png"] = b"\x89PNG broken"
+    with tarfile.open(tmp_path / "gt.tar", "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert main(["precompute", "--shards", str(tmp_path / "gt.tar"), "--only", "palette", "--out", str(out)]) == 0
+    assert "wrote 1 samples" in capsys.readouterr().out
+
+
+# --- configuration and the photos preset ------------------------------------------------------------------
+
+def test_a_plain_string_sets_a_list_of_shards():
+    cfg = load_config([], ["data.shards=/x.tar", "train.sample_shards=/held/{000..003}.tar"])
+    assert list(cfg.data.shards) == ["/x.tar"] and list(cfg.train.sample_shards) == ["/held/{000..003}.tar"]
+    assert list(load_config([], ["data.shards=*.tar"]).data.shards) == ["*.tar"]
+    assert list(load_config([], ["data.shards={a,b}.tar"]).data.shards) == ["{a,b}.tar"]
+    with pytest.raises(ValueError, match="data.resolution"):
+        load_config([], ["data.resolution=/x.tar"])

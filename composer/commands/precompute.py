@@ -11,6 +11,10 @@ running the model again.
 
 Not precomputable: ``caption`` (a dict of three tensors; it is cheap next to the image models) and
 ``masking`` (a new random mask every step is the point of it).
+
+The output shards are written into a hidden folder inside --out and moved into place only when every one
+is complete: a failure anywhere (an unreadable input shard, an exception in a decomposer) leaves what --out
+held before untouched and no partial file behind. Shards already in --out are replaced only with --overwrite.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from composer.commands._common import add_config_arguments, config_from_args
@@ -33,6 +39,7 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output folder (shards keep their file names)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards of the same names already in --out")
     add_config_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -48,16 +55,37 @@ def run(args: argparse.Namespace) -> int:
     from composer.data.shards import encode_png
     from decomposers.set import DecomposerSet
 
+    # every argument is checked before anything is read or written
     cfg = config_from_args(args)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
+    if not names:
+        raise ValueError("--only names no representation; give e.g. --only palette,sketch")
     for name in names:
         if name in NOT_PRECOMPUTABLE:
             raise ValueError(f"{name} cannot be precomputed ({NOT_PRECOMPUTABLE[name]}); leave it out of --only")
-    decomposers = DecomposerSet.from_config(cfg.decomposers, only=names).to(args.device)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
     urls = expand_shards(args.shards)
-    _check_shards(urls, args.shards)
+    _check_shards(urls, args.shards, "--shards")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; give a folder for the output shards")
+    targets = [out / Path(url).name for url in urls]
+    clashes = [str(t) for t, url in zip(targets, urls) if t.resolve() == Path(url).resolve()]
+    if clashes:
+        raise ValueError(f"--out would overwrite the input shard {clashes[0]}; choose another --out folder")
+    if len(set(targets)) < len(targets):
+        raise ValueError("two input shards share a file name and would overwrite each other in --out; "
+                         "precompute them into separate folders")
+    existing = [t for t in targets if t.exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"{out} already holds {len(existing)} of the output shards (first: {existing[0].name}); "
+                              "choose another --out or pass --overwrite")
+    decomposers = DecomposerSet.from_config(cfg.decomposers, only=names).to(device)
     skipped = written = 0
 
     def encode(array: np.ndarray) -> bytes:
@@ -65,17 +93,15 @@ def run(args: argparse.Namespace) -> int:
         np.save(buffer, array, allow_pickle=False)
         return buffer.getvalue()
 
-    def flush(pending: list[tuple[dict, torch.Tensor]], sink) -> None:
+    def flush(pending: list[tuple[dict, torch.Tensor, dict]], sink) -> None:
         nonlocal written
         if not pending:
             return
-        images = torch.stack([image for _, image in pending]).to(args.device)
+        images = torch.stack([image for _, image, _ in pending]).to(device)
         extras = {}
         for key in ("instances", "classes", "depth"):
-            if all(f"{key}.png" in sample for sample, _ in pending):
-                maps = [torch.from_numpy(decode_map(s[f"{key}.png"], 1 << 30).astype(np.int64 if key != "depth" else np.float32))
-                        for s, _ in pending]
-                tensor = torch.stack(maps)[:, None]
+            if all(key in truth for _, _, truth in pending):
+                tensor = torch.stack([truth[key] for _, _, truth in pending])[:, None]
                 extras[key] = tensor / 65535.0 if key == "depth" else tensor
         # instances are stored as what the loader calls "instances"/"classes": id maps (16-bit PNG, nearest
         # resizing), never the 5-channel encoding, which would shadow the ids that masking's object masks read
@@ -84,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             maps = decomposers.decomposers["instances"].predict_maps(images)
         others = [n for n in names if n != "instances"]
         conditions = decomposers.decompose(images, extras=extras, names=others) if others else {}
-        for i, (sample, _) in enumerate(pending):
+        for i, (sample, _, _) in enumerate(pending):
             record = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
             for name in others:
                 rep = conditions[name][i].detach().float().cpu().numpy()
@@ -98,30 +124,56 @@ def run(args: argparse.Namespace) -> int:
 
     from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-    targets = [out / Path(url).name for url in urls]
-    clashes = [str(t) for t, url in zip(targets, urls) if t.resolve() == Path(url).resolve()]
-    if clashes:
-        raise ValueError(f"--out would overwrite the input shard {clashes[0]}; choose another --out folder")
-    if len(set(targets)) < len(targets):
-        raise ValueError("two input shards share a file name and would overwrite each other in --out; "
-                         "precompute them into separate folders")
-    for url, target in tqdm(list(zip(urls, targets)), unit="shard", desc="precompute"):
-        partial = target.with_name(target.name + ".partial")
-        with wds.TarWriter(str(partial)) as sink:
-            pending: list[tuple[dict, torch.Tensor]] = []
-            for sample in group_by_keys(tar_file_expander(url_opener([{"url": url}]))):
-                try:
-                    image = decode_rgb(sample[find_image_member(sample)], 64_000_000)
-                except SampleError:
-                    skipped += 1
-                    continue
-                if pending and pending[0][1].shape != image.shape:
-                    flush(pending, sink)  # a batch needs one image size
-                pending.append((sample, image))
-                if len(pending) == args.batch_size:
-                    flush(pending, sink)
-            flush(pending, sink)
-        os.replace(partial, target)  # a crash never leaves a truncated shard under the final name
+    def read(url: str):
+        """The samples of one input shard; a shard that is not a readable tar is one clear error."""
+        stream = group_by_keys(tar_file_expander(url_opener([{"url": url}])))
+        while True:
+            try:
+                sample = next(stream)
+            except StopIteration:
+                return
+            except Exception as error:
+                detail = " ".join(str(error).split())[:200]
+                raise ValueError(f"input shard {url} cannot be read ({type(error).__name__}: {detail}); "
+                                 "rewrite it or leave it out of --shards") from None
+            yield sample
+
+    def ground_truth(sample: dict) -> dict[str, torch.Tensor]:
+        truth = {}
+        for key in ("instances", "classes", "depth"):
+            if f"{key}.png" in sample:
+                array = decode_map(sample[f"{key}.png"], 64_000_000)
+                truth[key] = torch.from_numpy(array.astype(np.float32 if key == "depth" else np.int64))
+        return truth
+
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".precompute-", dir=out))
+    try:
+        for url, target in tqdm(list(zip(urls, targets)), unit="shard", desc="precompute"):
+            with wds.TarWriter(str(staging / target.name)) as sink:
+                pending: list[tuple[dict, torch.Tensor, dict]] = []
+                for sample in read(url):
+                    try:
+                        image = decode_rgb(sample[find_image_member(sample)], 64_000_000)
+                        truth = ground_truth(sample)
+                    except SampleError:
+                        skipped += 1
+                        continue
+                    if pending and pending[0][1].shape != image.shape:
+                        flush(pending, sink)  # a batch needs one image size
+                    pending.append((sample, image, truth))
+                    if len(pending) == args.batch_size:
+                        flush(pending, sink)
+                flush(pending, sink)
+        for target in targets:  # every shard is complete: move them into place (each move is atomic)
+            os.replace(staging / target.name, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     members = [n + ".npy" for n in names if n != "instances"] + (["instances.png", "classes.png"] if "instances" in names else [])
     print(f"wrote {written} samples with {', '.join(members)} to {out}"
           + (f"; skipped {skipped} unreadable samples" if skipped else ""))

@@ -4,6 +4,10 @@ Scene shards hold, per sample: ``KEY.png`` (or ``.jpg``), ``KEY.txt`` (caption),
 ``KEY.instances.png`` (16-bit instance ids), ``KEY.classes.png`` (8-bit, class index + 1) and
 ``KEY.depth.png`` (16-bit, depth * 65535, larger = farther). Image-folder shards follow img2dataset's
 layout: ``KEY.jpg|png`` (the original bytes), ``KEY.txt`` when a sidecar caption exists, ``KEY.json``.
+
+Writes never destroy: the new shards are written into a hidden folder beside the old ones and swapped in
+(``os.replace``) only when all of them are complete; a failure (a bad argument, an unreadable caption, an
+exception anywhere) leaves the old shards as they were and nothing else behind.
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterator
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +81,10 @@ def write_scene_shards(
         raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
     if not 64 <= size <= 1024:
         raise ValueError(f"--size must be between 64 and 1024 pixels, got {size}")
+    if image_format not in ("png", "jpg", "jpeg"):
+        raise ValueError(f"image format {image_format!r} is not supported; use png or jpg")
+    if not 1 <= min_objects <= max_objects:
+        raise ValueError(f"objects per scene must satisfy 1 <= min ({min_objects}) <= max ({max_objects})")
 
     def samples() -> Iterator[tuple[str, dict[str, bytes]]]:
         for index in range(num):
@@ -97,6 +108,8 @@ def write_image_folder_shards(
     are left out and counted. Returns (shard paths, number of skipped files).
     """
     image_dir = Path(image_dir)
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
     if not image_dir.exists():
         raise FileNotFoundError(f"image folder {image_dir} does not exist; give a folder of .jpg/.png images")
     if not image_dir.is_dir():
@@ -110,17 +123,15 @@ def write_image_folder_shards(
         nonlocal skipped
         for index, path in enumerate(files):
             data = path.read_bytes()
-            try:
-                with Image.open(io.BytesIO(data)) as image:
-                    width, height = image.size
-                    image_type = (image.format or "").lower()
-            except Exception:
+            header = readable_image(data)
+            if header is None:
                 skipped += 1
                 continue
+            width, height, image_type = header
             extension = {"jpeg": "jpg", "mpo": "jpg"}.get(image_type, image_type or path.suffix.lower()[1:])
             key = f"{index:09d}"
             caption_path = path.with_suffix(".txt")
-            caption = caption_path.read_text(encoding="utf-8").strip() if caption_path.is_file() else None
+            caption = _read_caption(caption_path) if caption_path.is_file() else None
             members = {extension: data}
             meta = {"key": key, "original_filename": str(path.relative_to(image_dir)), "width": width,
                     "height": height, "caption": caption, "status": "success"}
@@ -129,29 +140,86 @@ def write_image_folder_shards(
             members["json"] = json.dumps(meta).encode("utf-8")
             yield key, members
 
-    shards = _write_shards(out_dir, "images", samples(), len(files), shard_size, progress, "images", overwrite)
-    if skipped == len(files):
-        for path in shards:
-            path.unlink()
-        raise ValueError(f"none of the {len(files)} image files in {image_dir} could be read; check that they are images")
+    def check(fresh: list[Path]) -> None:  # before the swap: a folder of unreadable files replaces nothing
+        if skipped == len(files):
+            raise ValueError(f"none of the {len(files)} image files in {image_dir} could be read; "
+                             "check that they are images")
+
+    shards = _write_shards(out_dir, "images", samples(), len(files), shard_size, progress, "images", overwrite,
+                           check=check)
     return shards, skipped
 
 
-def _write_shards(out_dir, prefix, samples, total, shard_size, progress, unit, overwrite) -> list[Path]:
+def readable_image(data: bytes) -> tuple[int, int, str] | None:
+    """(width, height, format) when the bytes decode completely, else None.
+
+    A header alone is not enough: a truncated JPEG opens and reports its size, so the image is verified and
+    then decoded in full (JPEGs at reduced scale, which still reads every byte of the bitstream).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                image_type = (image.format or "").lower()
+                image.verify()  # checksums (PNG) and structure, without decoding
+            with Image.open(io.BytesIO(data)) as image:  # verify() leaves the image unusable: open it again
+                if image_type == "jpeg":
+                    image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+                image.load()
+    except Exception:  # any decoder error, truncation, or a decompression bomb
+        return None
+    if width <= 0 or height <= 0:
+        return None
+    return width, height, image_type
+
+
+def _read_caption(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"caption {path} is not UTF-8 text (byte {error.start}: {error.reason}); "
+                         "save it as UTF-8 or remove it") from None
+
+
+def _write_shards(out_dir, prefix, samples, total, shard_size, progress, unit, overwrite,
+                  check: Callable[[list[Path]], None] | None = None) -> list[Path]:
+    """Write ``prefix-%06d.tar`` shards beside the old ones, then swap them in; nothing changes on failure."""
     import webdataset as wds
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stale = sorted(out_dir.glob(f"{prefix}-*.tar"))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} is a file; give a folder for the shards")
+    stale = sorted(out_dir.glob(f"{prefix}-*.tar")) if out_dir.is_dir() else []
     if stale and not overwrite:
         raise FileExistsError(
             f"{out_dir} already holds {len(stale)} {prefix}-*.tar shards; choose another --out or pass --overwrite"
         )
-    for path in stale:
-        path.unlink()
-    pattern = str(out_dir / f"{prefix}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0) as writer:
-        for key, members in tqdm(samples, total=total, unit=unit, disable=not progress, desc=f"writing {prefix}"):
-            writer.write({"__key__": key, **members})
-    written = sorted(out_dir.glob(f"{prefix}-*.tar"))
-    return written
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.glob(f".{prefix}-writing-*"):  # from a writer that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{prefix}-writing-", dir=out_dir))
+    try:
+        pattern = str(staging / f"{prefix}-%06d.tar")
+        with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0) as writer:
+            for key, members in tqdm(samples, total=total, unit=unit, disable=not progress, desc=f"writing {prefix}"):
+                writer.write({"__key__": key, **members})
+        fresh = sorted(staging.glob(f"{prefix}-*.tar"))
+        if check is not None:
+            check(fresh)
+        # the swap: each new shard replaces the old one of its name atomically, then old shards beyond the
+        # new count go (so a glob over the folder never mixes the two sets once this returns)
+        for path in fresh:
+            os.replace(path, out_dir / path.name)
+        names = {path.name for path in fresh}
+        for path in stale:
+            if path.name not in names:
+                path.unlink(missing_ok=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # a folder this call made, left empty
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    return [out_dir / name for name in sorted(names)]
