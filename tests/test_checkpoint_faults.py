@@ -224,7 +224,18 @@ def test_a_rerun_over_a_finished_run_without_resume_is_refused_until_overwrite(s
     assert not (out / LOCK_FILE).exists()
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint_loadable(shards, tmp_path, monkeypatch):
+def _enospc(filename):
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+
+def _safetensors_enospc(filename):  # what safetensors raises on a really full disk (tmpfs, tried by hand)
+    from safetensors import SafetensorError
+
+    return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("failure", [_enospc, _safetensors_enospc], ids=["OSError", "SafetensorError"])
+def test_a_full_disk_keeps_the_previous_checkpoint_loadable(shards, tmp_path, monkeypatch, failure):
     import composer.train.state as state_module
     from composer.train.loop import train
 
@@ -234,7 +245,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_loadable(shards, tmp_path, mo
         calls.append(filename)
         if len(calls) == 2:  # the second checkpoint: half a file, then ENOSPC
             Path(filename).write_bytes(b"\0" * 100)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+            raise failure(filename)
         return real(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(state_module, "save_file", full_disk)

@@ -106,11 +106,12 @@ def save_checkpoint(
         bad = f"EMA {name}"
     if any_rank(accelerator, bad is not None):
         last = store.newest_verified() if main else None
+        then = (f"the last good one is {last}: resume from it (--resume auto)" if last else
+                "there is no earlier checkpoint: start over (--overwrite)")
         raise RunError(
             f"the weights are not finite at step {state.step} ({state.images_seen} images; "
-            f"{bad or 'on another process'}): stopped without writing a checkpoint; the last good one is "
-            f"{last or 'none'}: resume from it (--resume auto) with a lower train.lr or train.grad_clip",
-            quiet=not main)
+            f"{bad or 'on another process'}): stopped without writing a checkpoint; {then} with a lower train.lr "
+            "or train.grad_clip", quiet=not main)
     staging = store.staging_path(state.images_seen)
     rank = accelerator.process_index
     final = store.root / f"checkpoint-{state.images_seen:012d}"
@@ -127,46 +128,59 @@ def save_checkpoint(
             elif phase == "commit" and main:
                 (staging / STATE_FILE).write_text(state.to_json())
                 final = store.commit(staging, state.images_seen)  # writes the manifest last, then renames
-        except OSError as exc:
+        except Exception as exc:  # OSError, SafetensorError (a full disk while serialising), RuntimeError, ...
             error = exc
         if any_rank(accelerator, error is not None):  # also the barrier between the phases
             _stop_after_failed_write(accelerator, store, staging, state, error)
     return final
 
 
+_DISK_FULL = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
+
+
+def _why_write_failed(error: BaseException, where: Path) -> tuple[str, str]:
+    """(what went wrong, what to do) for a failed write; a full disk is recognised from the errno, from the
+    message (safetensors wraps it in SafetensorError, torch.save in RuntimeError) or from the free space."""
+    text = " ".join(str(error).split())
+    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+        marker in text.lower() for marker in _DISK_FULL)
+    if not full:  # torch.save says only "file write failed"
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        try:
+            full = shutil.disk_usage(where).free < (1 << 20)
+        except OSError:
+            pass
+    if full:
+        return f"the disk is full ({where})", "free space, then continue with --resume auto"
+    return f"{type(error).__name__}: {text[:300]}", "fix that, then continue with --resume auto"
+
+
 def _stop_after_failed_write(accelerator: Accelerator, store: CheckpointStore, staging: Path, state: TrainingState,
-                             error: OSError | None) -> None:
+                             error: BaseException | None) -> None:
     main = accelerator.is_main_process
+    if error is not None:
+        what, fix = _why_write_failed(error, store.root)  # before the partial checkpoint frees its space
+    else:
+        what, fix = "a write failed on another process", "see that process's error, then continue with --resume auto"
     previous = None
     if main:
         shutil.rmtree(staging, ignore_errors=True)
         previous = store.newest_verified() or store.latest()
     kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
-    if error is not None and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        what = f"the disk is full ({error.strerror}: {error.filename or store.root})"
-        fix = "free space, then continue with --resume auto"
-    elif error is not None:
-        what = f"{type(error).__name__}: {' '.join(str(error).split())}"
-        fix = "fix that, then continue with --resume auto"
-    else:
-        what = "a write failed on another process"
-        fix = "see that process's error, then continue with --resume auto"
     raise RunError(f"could not write the checkpoint at {state.images_seen} images: {what}; removed the partial "
                    f"checkpoint, {kept}; {fix}", quiet=not main) from error
 
 
 @contextmanager
 def stop_on_failed_write(what: str, final: Path, store: CheckpointStore):
-    """Turn an OSError while publishing ``what`` (the folder ``final``, see checkpoint.publish_directory) into
+    """Turn a failure while publishing ``what`` (the folder ``final``, see checkpoint.publish_directory) into
     one line (RunError) after removing the half-written copy; the previous ``final`` is left in place."""
     try:
         yield
-    except OSError as error:
+    except Exception as error:  # OSError, SafetensorError, RuntimeError from torch.save, ...
+        why, fix = _why_write_failed(error, final.parent)
         recover_directory(final)  # drops final.tmp-* and puts final.old back if the swap was cut
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            why, fix = f"the disk is full ({error.strerror})", "free space, then continue with --resume auto"
-        else:
-            why, fix = f"{type(error).__name__}: {' '.join(str(error).split())}", "fix that, then --resume auto"
         raise RunError(f"could not write {what} {final}: {why}; removed the partial copy, the previous one is "
                        f"intact and so is the checkpoint {store.latest()}; {fix}") from error
 
