@@ -368,3 +368,48 @@ def test_a_plain_string_sets_a_list_of_shards():
     assert list(load_config([], ["data.shards={a,b}.tar"]).data.shards) == ["{a,b}.tar"]
     with pytest.raises(ValueError, match="data.resolution"):
         load_config([], ["data.resolution=/x.tar"])
+
+
+def _img2dataset_shard(path: Path, count: int = 6) -> Path:
+    """A shard as img2dataset writes it: KEY.jpg, KEY.txt, KEY.json (and no ground-truth maps)."""
+    rng = np.random.default_rng(5)
+    samples = []
+    for i in range(count):
+        key = f"{i:09d}"
+        height, width = (48, 72) if i % 2 else (80, 60)  # photos are not square
+        meta = {"url": f"https://example.com/{i}.jpg", "key": key, "status": "success", "caption": f"photo {i}",
+                "width": width, "height": height, "original_width": width * 4, "original_height": height * 4}
+        samples.append((key, {"jpg": _jpeg(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)),
+                              "txt": f"photo {i}".encode(), "json": json.dumps(meta).encode()}))
+    return _write_tar(path, samples)
+
+
+def test_the_tiny_preset_on_img2dataset_shards_says_what_to_do(tmp_path):
+    shard = _img2dataset_shard(tmp_path / "00000.tar")
+    cfg = load_config(["train/tiny"], [f"data.shards={shard}", "data.num_workers=0"])
+    with deadline(20), pytest.raises(DataStreamError, match=r"KEY\.instances\.png.*data\.extras=\[\]"):
+        next(iter(make_loader(cfg.data, seed=0)))
+
+
+def test_the_photos_preset_trains_on_img2dataset_shards_with_one_setting(tmp_path, monkeypatch):
+    from composer.train.loop import train
+    from test_training import TINY_UNET
+
+    shard = _img2dataset_shard(tmp_path / "00000.tar")
+    monkeypatch.chdir(tmp_path)  # the preset's asset paths resolve from anywhere
+    cfg = load_config(["train/photos"], [f"data.shards={shard}"])  # the one setting a user gives
+    assert list(cfg.data.extras) == [] and "depth" not in cfg.decomposers.enabled
+    assert "instances" not in cfg.decomposers.enabled and cfg.train.sample_shards is None
+    batch = next(iter(make_loader(cfg.data, seed=0)))
+    assert batch["image"].shape == (16, 3, 64, 64) and batch["caption"][0].startswith("photo")
+    # two steps, with the tiny test UNet at 32 px to stay fast
+    cfg.output_dir = str(tmp_path / "run")
+    cfg.data.resolution, cfg.data.batch_size, cfg.data.num_workers = 32, 2, 0
+    cfg.model.overrides = dict(TINY_UNET)
+    cfg.sample.steps = 1  # the final sample grid
+    for key, value in dict(total_images=4, sample_images=2, warmup_images=2, checkpoint_every_images=0, sample_every_images=0,
+                           progress=False, tensorboard=False, mixed_precision="no", log_every_steps=1).items():
+        cfg.train[key] = value
+    summary = train(cfg)
+    assert summary["step"] == 2 and summary["skipped_steps"] == 0
+    assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
