@@ -303,3 +303,26 @@ def test_resuming_under_another_process_count_is_refused_before_config_yaml_chan
         train(make_config(shards, out, checkpoint_every_images=4, total_images=12, resume="auto"))
     assert (out / "config.yaml").read_bytes() == before
     assert not (out / LOCK_FILE).exists()
+
+
+def test_the_logged_loss_and_skip_counts_cover_every_process(monkeypatch):
+    """Two processes, faked: this rank saw losses 1 and 3, the other 6 (one micro-batch) and other skips."""
+    import accelerate.utils
+
+    from composer.train.monitor import Monitor
+
+    class TwoProcesses:
+        num_processes, device = 2, torch.device("cpu")
+
+        def reduce(self, tensor, reduction):
+            assert reduction == "sum"
+            return tensor + torch.tensor([6.0, 1.0], dtype=tensor.dtype)
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda parts: parts + [{"corrupt": 2, "no_caption": 1}])
+    monitor = Monitor(None, enabled=True, progress=False, total_images=8, initial_images=0, accelerator=TwoProcesses())
+    for loss in (1.0, 3.0):
+        monitor.record_micro_batch(loss=loss, times={}, keep={})
+    scalars = monitor.flush(step=1, images_seen=8, lr=1e-3, skipped_steps=0, loader_skipped={"corrupt": 1})
+    assert scalars["train/loss"] == pytest.approx(10.0 / 3)  # the mean over all three micro-batches
+    assert scalars["data/skipped/corrupt"] == 3 and scalars["data/skipped/no_caption"] == 1
+    assert monitor.sum_over_processes({"corrupt": 1}) == {"corrupt": 3, "no_caption": 1}
