@@ -12,19 +12,13 @@ from typing import Any
 
 from composer.conditions import Conditions, ConditionSpec
 
-# name -> module holding it. diffusers' folder loader looks components up as attributes of their top-level
-# package (model_index.json says ["composer", "ComposerUNet"]), and checks them against its base classes by
-# looking those up in the same package, hence ModelMixin / SchedulerMixin here.
+# name -> module holding it
 _LAZY = {
     "ComposerPipeline": "composer.pipelines",
     "ComposerPipelineOutput": "composer.pipelines",
     "ComposerUNet": "composer.models.unet",
     "Denoiser": "composer.diffusion.denoiser",
     "DecomposerSet": "decomposers.set",
-    "ModelMixin": "diffusers",
-    "SchedulerMixin": "diffusers",
-    "ConfigMixin": "diffusers",
-    "DiffusionPipeline": "diffusers",
 }
 
 __all__ = ["Conditions", "ConditionSpec", "ComposerPipeline", "ComposerPipelineOutput", "ComposerUNet", "Denoiser"]

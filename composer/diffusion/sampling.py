@@ -87,10 +87,13 @@ def sample(
         model_input = scheduler.scale_model_input(x, t)
         t_batch = t.reshape(1).expand(x.shape[0]).to(x.device)
         with autocast() if autocast is not None else _nothing():
-            prediction = predict(model_input, t_batch, conditions)
-        prediction = denoiser.convert(model_input.float(), t_batch, prediction.float(), to=target_type)
-        # 3. One scheduler step
+            raw = predict(model_input, t_batch, conditions).float()
+        prediction = denoiser.convert(model_input.float(), t_batch, raw, to=target_type)
+        # 3. One scheduler step; the last lands on the x0 estimate itself (DDIM would stop at t = 0 when the
+        # step count does not divide the schedule, leaving sqrt(1 - a_0) of noise: up to 0.02 from x0)
         x = scheduler.step(prediction, t, x, **step_kwargs).prev_sample
+        if i + 1 == len(timesteps) and float(scheduler.init_noise_sigma) == 1.0:
+            x = denoiser.split(model_input.float(), t_batch, raw)[0]
         # 4. Hooks: the region edit, then the caller's callback
         if edit is not None:
             x = edit(x, scheduler, timesteps[i + 1] if i + 1 < len(timesteps) else None)

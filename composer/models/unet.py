@@ -132,6 +132,7 @@ class ComposerUNet(ModelMixin, ConfigMixin):
         state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
                  for k, v in self.state_dict().items()}
         save_file(state, directory / WEIGHTS_NAME)
+        os.chmod(directory / WEIGHTS_NAME, 0o644)  # safetensors writes through a private temporary file
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,

@@ -31,8 +31,10 @@ from composer.diffusion.guidance import Guidance
 from composer.diffusion.sampling import RegionEdit, initial_noise, sample
 from composer.diffusion.schedulers import SampleConfig, make_scheduler
 from composer.models.adapters import resize_map
+from composer.models.unet import ComposerUNet  # noqa: F401  (a component class diffusers must find imported)
 from composer.pipelines import inputs, layout
 from composer.runtime import autocast, resolve_device
+from decomposers.set import DecomposerSet  # noqa: F401  (a component class diffusers must find imported)
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
