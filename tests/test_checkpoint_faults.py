@@ -216,6 +216,9 @@ def test_a_rerun_over_a_finished_run_without_resume_is_refused_until_overwrite(s
     assert len(error) == 1 and "holds a run" in error[0] and "--resume auto" in error[0] and "--overwrite" in error[0]
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # losses.csv, config.yaml, checkpoints and pipeline untouched
+    with pytest.raises(RunError, match="init_from=.* lies inside output_dir"):  # --overwrite would delete it
+        train(make_config(shards, out, total_images=4, overwrite=True, init_from=str(out / "pipeline")))
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     summary = train(make_config(shards, out, total_images=4, overwrite=True))
     assert summary["images_seen"] == 4
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-000000000004"]

@@ -314,7 +314,8 @@ def resolve_resume(resume: str | None, store: CheckpointStore, say: Callable[[st
     if chosen is None:
         if fallback:
             raise ValueError(f"--resume {resume}: none of the {len(paths)} checkpoints in {paths[0].parent} "
-                             "verifies (see above); restore one from a backup, or start over with --overwrite")
+                             "verifies (see above); restore one from a backup, or start over with --overwrite "
+                             "instead of --resume")
         raise ValueError(f"--resume {resume}: {paths[0]} fails verification ({store.check(paths[0])}); "
                          "use --resume auto to take the newest checkpoint that verifies")
     return chosen

@@ -60,7 +60,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     expected = TrainingState(world_size=accelerator.num_processes, batch_size=int(cfg.data.batch_size),
                              grad_accumulation=tcfg.grad_accumulation, seed=cfg.seed)
     run = open_run(accelerator, cfg.output_dir, resume=tcfg.resume, overwrite=bool(tcfg.get("overwrite", False)),
-                   keep=tcfg.keep_checkpoints, expected=expected, say=lambda line: print(line, flush=True))
+                   keep=tcfg.keep_checkpoints, expected=expected, init_from=tcfg.init_from,
+                   say=lambda line: print(line, flush=True))
     try:
         return _train(cfg, accelerator, run)
     finally:

@@ -263,13 +263,13 @@ class Run:
                 where = f"none of the checkpoints in {path.parent} could be loaded" if self.fallback else \
                     f"{path} could not be loaded"
                 raise RunError(f"--resume {self.resume}: {where} (see above); restore one from a backup, or start "
-                               "over with --overwrite", quiet=not self.main)
+                               "over with --overwrite instead of --resume", quiet=not self.main)
             path = Path(nxt)
         return None, None, None
 
 
 def open_run(accelerator, out: str | os.PathLike, *, resume: str | None, overwrite: bool, keep: int,
-             expected, say: Callable[[str], None] = print) -> Run:
+             expected, init_from: str | None = None, say: Callable[[str], None] = print) -> Run:
     """Lock and check ``out`` for a run with the TrainingState layout ``expected``; see the module docstring.
     Raises RunError (quiet on the other ranks) when the run must not start; nothing in ``out`` is changed then."""
     out = Path(out)
@@ -281,7 +281,7 @@ def open_run(accelerator, out: str | os.PathLike, *, resume: str | None, overwri
     if main:
         created = not out.exists()
         try:
-            verdict = _check(run, out, resume=resume, overwrite=overwrite, expected=expected)
+            verdict = _check(run, out, resume=resume, overwrite=overwrite, expected=expected, init_from=init_from)
         except RunError as error:
             verdict = {"error": str(error)}
         except (OSError, ValueError) as error:
@@ -298,7 +298,7 @@ def open_run(accelerator, out: str | os.PathLike, *, resume: str | None, overwri
     return run
 
 
-def _check(run: Run, out: Path, *, resume, overwrite: bool, expected) -> dict[str, Any]:
+def _check(run: Run, out: Path, *, resume, overwrite: bool, expected, init_from=None) -> dict[str, Any]:
     if out.exists() and not out.is_dir():
         return {"error": f"output_dir {out} is a file; give a folder"}
     out.mkdir(parents=True, exist_ok=True)
@@ -314,6 +314,9 @@ def _check(run: Run, out: Path, *, resume, overwrite: bool, expected) -> dict[st
         if found and not overwrite:
             return {"error": f"output_dir {out} holds a run ({', '.join(found)}): continue it with --resume auto, "
                              "replace it with --overwrite (train.overwrite=true), or choose another output_dir"}
+        if found and init_from and Path(init_from).resolve().is_relative_to(out.resolve()):
+            return {"error": f"train.init_from={init_from} lies inside output_dir {out}, which --overwrite would "
+                             "delete first; copy it out of output_dir, or train into another output_dir"}
         if found:
             clear_run(out)
             run.say(f"--overwrite: removed the earlier run in {out} ({', '.join(found)})")
@@ -328,7 +331,8 @@ def _check(run: Run, out: Path, *, resume, overwrite: bool, expected) -> dict[st
         chosen, run.rest = run.store.first_good(paths, say=run.say)
         if chosen is None:
             return {"error": f"--resume {resume}: none of the {len(paths)} checkpoints in {paths[0].parent} "
-                             "verifies (see above); restore one from a backup, or start over with --overwrite"}
+                             "verifies (see above); restore one from a backup, or start over with --overwrite instead of "
+                             "--resume"}
     else:  # one checkpoint named by the user: it verifies, or the run does not start
         chosen, reason = paths[0], run.store.check(paths[0])
         if reason == LEGACY:
