@@ -38,7 +38,8 @@ def register(subparsers) -> None:
     parser.add_argument("--only", required=True, help="comma-separated representation names")
     parser.add_argument("--out", required=True, help="output folder (shards keep their file names)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]",
+                        help="where the decomposers run: auto (CUDA when available, else the CPU), cpu or cuda")
     parser.add_argument("--overwrite", action="store_true", help="replace shards of the same names already in --out")
     add_config_arguments(parser)
     parser.set_defaults(func=run)
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from composer.data.decode import SampleError, decode_map, decode_rgb, find_image_member
     from composer.data.loader import _check_shards, expand_shards
     from composer.data.shards import encode_png
+    from composer.runtime import resolve_device
     from decomposers.set import DecomposerSet
 
     # every argument is checked before anything is read or written
@@ -66,9 +68,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
+        device = resolve_device(args.device)
+    except RuntimeError:  # e.g. "cuda:x"
+        raise ValueError(f"unknown device {args.device!r}; choose auto, cpu, cuda or cuda:N") from None
     urls = expand_shards(args.shards)
     _check_shards(urls, args.shards, "--shards")
     out = Path(args.out)
@@ -133,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
             except StopIteration:
                 return
             except Exception as error:
-                detail = " ".join(str(error).split())[:200]
+                first = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+                detail = " ".join(first.split())[:200]  # webdataset appends the stream and url to args
                 raise ValueError(f"input shard {url} cannot be read ({type(error).__name__}: {detail}); "
                                  "rewrite it or leave it out of --shards") from None
             yield sample
