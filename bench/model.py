@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from composer.conditions import Conditions, ConditionSpec  # noqa: E402
 from composer.diffusion.guidance import guided_prediction  # noqa: E402
-from composer.models.config import count_parameters, model_kwargs
+from composer.models.config import count_parameters, model_kwargs  # noqa: E402
 from composer.models.unet import ComposerUNet  # noqa: E402
 
 

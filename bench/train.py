@@ -20,17 +20,36 @@ from pathlib import Path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from composer.config import load_config  # noqa: E402
 from composer.data.loader import make_loader  # noqa: E402
 from composer.diffusion.dropout import DropoutPolicy  # noqa: E402
-from composer.train.accelerator import make_accelerator  # noqa: E402
-from composer.train.loop import _extras, make_noise_scheduler  # noqa: E402
-from composer.train.module import TrainingModule  # noqa: E402
-from composer.train.seeding import step_generator  # noqa: E402
 from composer.models.config import build_model, count_parameters  # noqa: E402
+from composer.train.accelerator import make_accelerator  # noqa: E402
+from composer.train.loop import make_denoiser, make_noise_scheduler, timestep_bounds  # noqa: E402
+from composer.train.module import TrainingModule  # noqa: E402
+from composer.train.schedule import make_lr_scheduler  # noqa: E402
+from composer.train.step import TrainingStep  # noqa: E402
 from decomposers.set import DecomposerSet  # noqa: E402
+
+
+def build_step(cfg) -> tuple[TrainingStep, torch.nn.Module]:
+    """The training loop's own step object for a preset (no checkpoints, no EMA)."""
+    tcfg = cfg.train
+    accelerator = make_accelerator(device=tcfg.device, mixed_precision=tcfg.mixed_precision)
+    decomposers = DecomposerSet.from_config(cfg.decomposers).to(accelerator.device)
+    trainable = {n: d for n, d in decomposers.decomposers.items() if getattr(d, "trainable", False)}
+    unet = build_model(cfg.model, decomposers.specs())
+    module = TrainingModule(unet, trainable).train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=tcfg.lr)
+    lr_scheduler = make_lr_scheduler(optimizer, images_per_step=int(cfg.data.batch_size), warmup_images=0,
+                                     total_images=10**9, schedule="constant", min_factor=1.0)
+    module, optimizer, lr_scheduler = accelerator.prepare(module, optimizer, lr_scheduler)
+    step = TrainingStep(accelerator=accelerator, module=module, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                        decomposers=decomposers, denoiser=make_denoiser(tcfg, make_noise_scheduler(tcfg)),
+                        dropout=DropoutPolicy(cfg.dropout), seed=cfg.seed, grad_clip=tcfg.grad_clip or 1.0,
+                        timestep_bounds=timestep_bounds(tcfg.timestep_range, tcfg.num_train_timesteps))
+    return step, unet
 
 
 def main() -> None:
@@ -43,20 +62,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config([args.config], args.set)
-    tcfg = cfg.train
-    accelerator = make_accelerator(device=tcfg.device, mixed_precision=tcfg.mixed_precision)
-    device = accelerator.device
-    decomposers = DecomposerSet.from_config(cfg.decomposers).to(device)
-    trainable = [n for n, d in decomposers.decomposers.items() if getattr(d, "trainable", False)]
-    frozen = [n for n in decomposers.names if n not in trainable]
-    unet = build_model(cfg.model, decomposers.specs())
-    module = TrainingModule(unet, {n: decomposers.decomposers[n] for n in trainable}).to(device).train()
-    optimizer = torch.optim.AdamW(module.parameters(), lr=tcfg.lr)
-    module, optimizer = accelerator.prepare(module, optimizer)
-    noise_scheduler = make_noise_scheduler(tcfg)
-    dropout = DropoutPolicy(cfg.dropout)
-    count = args.steps + 2
-    batch_size = int(cfg.data.batch_size)
+    step, unet = build_step(cfg)
+    count, batch_size = args.steps + 2, int(cfg.data.batch_size)
 
     # 1. data: the loader alone (its workers, decoding, cropping, batching)
     loader = iter(make_loader(cfg.data, seed=cfg.seed, rank=0, world_size=1))
@@ -67,66 +74,29 @@ def main() -> None:
         data_times.append(time.perf_counter() - start)
 
     # 2. decomposition of those batches (frozen decomposers, no_grad) + dropout masks + noising
-    prepared, decompose_times = [], []
+    decompose_times = []
     for index, batch in enumerate(batches):
         start = time.perf_counter()
-        images = batch["image"].to(device)
-        generator = step_generator(cfg.seed, 0, index * batch_size)
-        extras = _extras(batch, device)
-        with torch.no_grad():
-            conditions = decomposers.decompose(images, captions=batch["caption"], extras=extras, training=True,
-                                               generator=generator, names=frozen)
-        keep = dropout.sample(decomposers.names, images.shape[0], generator)
-        noise = torch.randn(images.shape, generator=generator).to(device)
-        timesteps = torch.randint(0, tcfg.num_train_timesteps, (images.shape[0],), generator=generator).to(device)
-        noisy = noise_scheduler.add_noise(images * 2 - 1, noise, timesteps)
+        step.inputs(batch, index * batch_size)
         decompose_times.append(time.perf_counter() - start)
-        prepared.append((images, extras, generator, conditions, keep, noise, timesteps, noisy))
 
-    # 3. the model step (forward with trainable decomposers, backward, clip, AdamW)
+    # 3. the model step alone: micro-batch times split by the step itself, plus the optimizer update
     model_times = []
-    for images, extras, generator, conditions, keep, noise, timesteps, noisy in prepared:
+    for index, batch in enumerate(batches):
+        micro = step.micro_batch(batch, index * batch_size)
         start = time.perf_counter()
-
-        def run_trainable(images=images, extras=extras, generator=generator):
-            return decomposers.decompose(images, extras=extras, training=True, generator=generator, names=trainable)
-
-        with accelerator.autocast():
-            eps = module(noisy, timesteps, conditions, keep, run_trainable if trainable else None)
-        loss = F.mse_loss(eps.float(), noise if tcfg.prediction_type == "epsilon" else
-                          noise_scheduler.get_velocity(images * 2 - 1, noise, timesteps).float())
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(module.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model_times.append(time.perf_counter() - start)
+        step.update(micro.finite)
+        model_times.append(micro.times["model"] + time.perf_counter() - start)
 
     # 4. the whole step, as the loop runs it (fresh batches from the same loader)
     step_times = []
     for index in range(count):
         start = time.perf_counter()
-        batch = next(loader)
-        images = batch["image"].to(device)
-        generator = step_generator(cfg.seed, 0, (count + index) * batch_size)
-        extras = _extras(batch, device)
-        with torch.no_grad():
-            conditions = decomposers.decompose(images, captions=batch["caption"], extras=extras, training=True,
-                                               generator=generator, names=frozen)
-        keep = dropout.sample(decomposers.names, images.shape[0], generator)
-        noise = torch.randn(images.shape, generator=generator).to(device)
-        timesteps = torch.randint(0, tcfg.num_train_timesteps, (images.shape[0],), generator=generator).to(device)
-        noisy = noise_scheduler.add_noise(images * 2 - 1, noise, timesteps)
-        with accelerator.autocast():
-            eps = module(noisy, timesteps, conditions, keep,
-                         (lambda: decomposers.decompose(images, extras=extras, training=True, generator=generator,
-                                                        names=trainable)) if trainable else None)
-        loss = F.mse_loss(eps.float(), noise if tcfg.prediction_type == "epsilon" else
-                          noise_scheduler.get_velocity(images * 2 - 1, noise, timesteps).float())
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(module.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        micro = step.micro_batch(next(loader), (count + index) * batch_size)
+        step.update(micro.finite)
         step_times.append(time.perf_counter() - start)
+    decomposers, accelerator = step.decomposers, step.accelerator
+    trainable = step.trainable
 
     def median_ms(values):
         return statistics.median(values[2:]) * 1000
@@ -139,7 +109,7 @@ def main() -> None:
           f"precision {accelerator.mixed_precision}, {torch.get_num_threads()} threads, "
           f"loader workers {cfg.data.num_workers}, decomposers {', '.join(decomposers.names)}"
           f"{' (trainable: ' + ', '.join(trainable) + ')' if trainable else ''}")
-    print(f"| stage | ms / batch | images/s alone | share of the sum |")
+    print("| stage | ms / batch | images/s alone | share of the sum |")
     print("|---|---|---|---|")
     summed = sum(ms for _, ms in rows)
     for name, ms in rows:

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-
 # Pixels an input image may have (declared in its header, after any shrink-on-decode): 40 megapixels is
 # about 0.5 GB as float RGB. COMPOSER_MAX_PIXELS raises or lowers it.
 DEFAULT_MAX_PIXELS = 40_000_000

@@ -22,24 +22,22 @@ import torch
 @torch.no_grad()
 def condition_errors(model: str | Path, cfg, num: int, timesteps: list[int], seed: int = 0,
                      uniform_draws: int = 8) -> tuple[list[str], dict[str, list[float]]]:
-    from composer.pipelines.composer_pipeline import ComposerPipeline
-    from composer.train.loop import _extras, _held_out_batch
-    from composer.train.samples import centre_mask, condition_subsets
+    from composer.pipelines import ComposerPipeline
+    from composer.train.samples import centre_mask, condition_subsets, held_out_batch
+    from composer.train.step import batch_extras
 
     device = torch.device("cpu")
     cfg.train.sample_images = num
-    batch = _held_out_batch(cfg, device)
+    batch = held_out_batch(cfg, device)
     if batch is None:
         raise SystemExit("error: no held-out images (set train.sample_shards to shards that exist)")
     pipe = ComposerPipeline.from_pretrained(model)
-    scheduler = pipe.scheduler
-    prediction = scheduler.config.prediction_type
+    denoiser = pipe.denoiser
     images = batch["image"]
     x0 = images * 2 - 1
-    conditions = pipe.decomposers.decompose(images, captions=batch["caption"], extras=_extras(batch, device),
+    conditions = pipe.decomposers.decompose(images, captions=batch["caption"], extras=batch_extras(batch, device),
                                             training=False, mask=centre_mask(images))
-    alphas = scheduler.alphas_cumprod
-    total = int(scheduler.config.num_train_timesteps)
+    total = denoiser.schedule.num_train_timesteps
     generator = torch.Generator().manual_seed(seed)
     fixed = [(torch.full((x0.shape[0],), t, dtype=torch.long), torch.randn(x0.shape, generator=generator))
              for t in timesteps]
@@ -47,13 +45,8 @@ def condition_errors(model: str | Path, cfg, num: int, timesteps: list[int], see
                for _ in range(uniform_draws)]
 
     def error(subset: list[str], t: torch.Tensor, noise: torch.Tensor) -> float:
-        a = alphas[t].view(-1, 1, 1, 1)
-        x_t = scheduler.add_noise(x0, noise, t)
-        out = pipe.unet(x_t, t, conditions.subset(subset)).float()
-        if prediction == "v_prediction":
-            estimate = a.sqrt() * x_t - (1 - a).sqrt() * out
-        else:
-            estimate = (x_t - (1 - a).sqrt() * out) / a.sqrt()
+        x_t = denoiser.add_noise(x0, noise, t)
+        estimate, _ = denoiser.split(x_t, t, denoiser(x_t, t, conditions.subset(subset)))
         return ((estimate.clamp(-1, 1) - x0) ** 2).mean().item()
 
     rows: dict[str, list[float]] = {}

@@ -15,48 +15,39 @@ from pathlib import Path
 import torch
 
 
-class _Quiet:
-    def add_image(self, *args, **kwargs):
-        pass
-
-    def write(self, message: str) -> None:
-        print(message)
-
-
 def main(argv: list[str] | None = None) -> int:
     from composer.config import load_config
-    from composer.train.loop import _held_out_batch, _sample_grid
+    from composer.diffusion.schedulers import SAMPLER_NAMES, make_scheduler
+    from composer.pipelines import ComposerPipeline, layout
+    from composer.train.samples import held_out_batch, sample_grid
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="pipeline folder (e.g. runs/tiny/pipeline)")
     parser.add_argument("--config", required=True, help="training preset the model was trained with")
     parser.add_argument("--out", required=True, help="PNG to write")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--sampler", default=None, help="override the model's sampler")
+    parser.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, help="override the model's sampler")
     args = parser.parse_args(argv)
     cfg = load_config([args.config], args.set)
     model = Path(args.model)
-    if not (model / "model_index.json").is_file():
+    if not layout.is_pipeline_folder(model):
         print(f"error: {model} is not a pipeline folder (no model_index.json); pass e.g. runs/tiny/pipeline")
         return 2
-    batch = _held_out_batch(cfg, torch.device("cpu"))
-    if args.sampler:
-        import json
-        index = json.loads((model / "model_index.json").read_text())
-        if index.get("sampler") != args.sampler:  # render from a scratch copy with the other sampler
-            scratch = Path(args.out).with_suffix(".model-tmp")
-            shutil.rmtree(scratch, ignore_errors=True)
-            shutil.copytree(model, scratch)
-            index["sampler"] = args.sampler
-            (scratch / "model_index.json").write_text(json.dumps(index))
-            model = scratch
-    path = _sample_grid(model, batch, cfg, 0, _Quiet(), torch.device("cpu"))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(path), out)
-    if model != Path(args.model):
-        shutil.rmtree(model, ignore_errors=True)
-    print(f"grid -> {out}")
+    batch = held_out_batch(cfg, torch.device("cpu"))
+    scratch = None
+    if args.sampler:  # render from a scratch copy whose saved sampler is the other one
+        pipe = ComposerPipeline.from_pretrained(model)
+        pipe.scheduler = make_scheduler(args.sampler, pipe.scheduler.config)
+        scratch = Path(args.out).with_suffix(".model-tmp")
+        layout.publish(pipe, scratch)
+        model = scratch
+    drawn = sample_grid(model, batch, 0, torch.device("cpu"), out=args.out)
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if drawn is None:
+        print("error: no held-out images (set train.sample_shards to shards that exist)")
+        return 2
+    print(f"grid -> {drawn[0]}")
     return 0
 
 

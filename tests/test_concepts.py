@@ -8,11 +8,11 @@ from PIL import Image
 from sklearn.metrics import adjusted_rand_score
 
 from composer.cli import main
-from composer.slots.concepts import ConceptLibrary, build_library, compose, kmeans
 from composer.conditions import Conditions
-from composer.pipelines.composer_pipeline import ComposerPipeline
 from composer.models.config import model_kwargs
 from composer.models.unet import ComposerUNet
+from composer.pipelines.composer_pipeline import ComposerPipeline
+from composer.slots.concepts import ConceptLibrary, build_library, compose, kmeans
 from decomposers.set import DecomposerSet
 from decomposers.slots import SlotsDecomposer
 

@@ -221,8 +221,8 @@ def _photos(folder: Path, count: int = 3) -> Path:
 
 
 def test_a_failing_scenes_overwrite_keeps_the_old_shards_byte_identical(tmp_path, monkeypatch):
-    from composer.cli import main
     import composer.data.shards as shards_module
+    from composer.cli import main
 
     out = tmp_path / "scenes"
     assert main(["scenes", "--num", "3", "--out", str(out), "--shard-size", "2"]) == 0
@@ -392,8 +392,9 @@ def test_the_tiny_preset_on_img2dataset_shards_says_what_to_do(tmp_path):
 
 
 def test_the_photos_preset_trains_on_img2dataset_shards_with_one_setting(tmp_path, monkeypatch):
-    from composer.train.loop import train
     from test_training import TINY_UNET
+
+    from composer.train.loop import train
 
     shard = _img2dataset_shard(tmp_path / "00000.tar")
     monkeypatch.chdir(tmp_path)  # the preset's asset paths resolve from anywhere

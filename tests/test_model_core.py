@@ -8,9 +8,9 @@ import torch
 from composer.conditions import Conditions, ConditionSpec
 from composer.diffusion.dropout import DropoutPolicy
 from composer.diffusion.guidance import composed_prediction, guided_prediction
-from composer.runtime import resolve_precision
 from composer.models.config import model_kwargs
 from composer.models.unet import ComposerUNet
+from composer.runtime import resolve_precision
 
 SPECS = {
     "caption": ConditionSpec("caption", ("global", "tokens"), 16, token_dim=12, num_tokens=7, vector_key="sentence",

@@ -5,9 +5,9 @@ import torch
 from diffusers import DDPMScheduler
 
 from composer.conditions import Conditions
-from composer.pipelines.composer_pipeline import ComposerPipeline
 from composer.models.config import model_kwargs
 from composer.models.unet import ComposerUNet
+from composer.pipelines.composer_pipeline import ComposerPipeline
 from decomposers.set import DecomposerSet
 
 TINY = dict(block_out_channels=(16, 32), attention_heads=(1, 2), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),

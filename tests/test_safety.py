@@ -215,12 +215,11 @@ def test_a_missing_folder_file_is_not_taken_from_the_working_directory(tmp_path,
 # --- 3. open_clip from the Hugging Face cache --------------------------------------------------------
 
 def test_open_clip_loads_by_hub_id_from_the_cache_offline(tmp_path, monkeypatch):
+    import huggingface_hub.constants
     from open_clip.model import CLIP
     from safetensors.torch import save_file
 
     from decomposers.registry import get_decomposer
-
-    import huggingface_hub.constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # what a user sets; the library read it at import:

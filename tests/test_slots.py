@@ -12,8 +12,9 @@ from PIL import Image
 
 from composer.cli import main
 from composer.conditions import Conditions
+from composer.models.config import model_kwargs
+from composer.models.unet import ComposerUNet
 from composer.pipelines.composer_pipeline import ComposerPipeline
-from decomposers.folder import load_decomposers
 from composer.slots.editing import (
     add_slots,
     drop_slots,
@@ -24,8 +25,7 @@ from composer.slots.editing import (
 )
 from composer.slots.metrics import foreground_ari, mean_best_overlap
 from composer.slots.visuals import slot_colours
-from composer.models.config import model_kwargs
-from composer.models.unet import ComposerUNet
+from decomposers.folder import load_decomposers
 from decomposers.set import DecomposerSet
 from decomposers.slots import SlotAttention, SlotsDecomposer
 

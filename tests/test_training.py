@@ -200,9 +200,9 @@ def test_loss_log_is_trimmed_to_the_resumed_position(tmp_path):
 
 
 def test_warm_start_loads_matching_tensors_and_names_bad_sources(shards, tmp_path):
-    from composer.train.loop import load_initial_weights
-    from composer.train.module import TrainingModule
     from composer.models.config import build_model
+    from composer.train.module import TrainingModule
+    from composer.train.warmstart import load_initial_weights
     from decomposers.set import DecomposerSet
 
     source = tmp_path / "source"

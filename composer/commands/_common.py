@@ -48,3 +48,15 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
     return value
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser, precision: bool = True) -> None:
+    """--device and --precision, one vocabulary for every command that runs a model (composer.runtime)."""
+    from composer.runtime import PRECISIONS
+
+    parser.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]",
+                        help="where the models run: auto (CUDA when available, else the CPU), cpu or cuda (default auto)")
+    if precision:
+        parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                            help="compute precision: auto (bf16 where native), bf16, fp16 (GPU only) or fp32 "
+                            "(default: the model's saved setting, else auto)")

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from composer.commands._common import finite_float, positive_int
-from composer.commands.segment import add_device_argument, resolve_device
+from composer.commands.segment import add_device_argument
+from composer.runtime import resolve_device
 
 
 def register(subparsers) -> None:
@@ -42,16 +43,17 @@ def register(subparsers) -> None:
     compose.add_argument("--guidance", "--guidance-scale", dest="guidance_scale", type=finite_float, default=3.0,
                          help="classifier-free guidance weight w, as in generate (default 3)")
     compose.add_argument("--seed", type=int, default=0, help="image i uses seed + i for the draw and the noise")
-    compose.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="default auto")
+    compose.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default=None,
+                         help="default: the model's saved setting")
     add_device_argument(compose)
     compose.set_defaults(func=run_compose)
     parser.set_defaults(func=lambda args: parser.print_help() or 0)
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from composer.slots.concepts import build_library
     from composer.data.config import DataConfig
     from composer.data.loader import make_loader
+    from composer.slots.concepts import build_library
     from decomposers.slots import SlotsDecomposer
 
     for name in ("k", "max_images", "batch_size"):
@@ -95,10 +97,10 @@ def run_compose(args: argparse.Namespace) -> int:
     import torch
 
     import decomposers.slots  # noqa: F401  (registers the slots decomposer the pipeline folder names)
-    from composer.slots.concepts import ConceptLibrary, compose
     from composer.conditions import Conditions
     from composer.imageio import load_image, save_image
     from composer.pipelines.composer_pipeline import ComposerPipeline
+    from composer.slots.concepts import ConceptLibrary, compose
 
     if args.num_images < 1 or args.steps < 1:
         raise ValueError("--num-images and --steps must be at least 1")

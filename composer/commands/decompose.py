@@ -7,7 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from composer.commands._common import add_config_arguments, config_from_args, positive_int
+from composer.commands._common import (
+    add_config_arguments,
+    add_runtime_arguments,
+    config_from_args,
+    positive_int,
+)
 
 # decomposers that run a pretrained model, and the option naming its weights
 WEIGHT_OPTIONS = {"caption": "pretrained", "image_embedding": "pretrained", "instances": "weights", "depth": "weights"}
@@ -26,6 +31,7 @@ def register(subparsers) -> None:
     parser.add_argument("--mask", default=None, help="mask image for masking (white = region to generate)")
     parser.add_argument("--size", type=positive_int, default=None, help="resize and centre-crop the image to this side first")
     add_config_arguments(parser)
+    add_runtime_arguments(parser, precision=False)
     parser.set_defaults(func=run)
 
 
@@ -33,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from composer.imageio import labelled_row, load_image, load_mask, save_image
+    from composer.runtime import resolve_device
     from decomposers.set import DecomposerSet
 
     cfg = config_from_args(args)
@@ -48,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
         verb = "needs" if len(missing) == 1 else "need"
         raise ValueError(f"{names_missing} {verb} weights: set {', '.join(missing)} (--set KEY=PATH or --config), "
                          f"or leave them out with --only")
-    decomposers = DecomposerSet.from_config(cfg.decomposers, only=only)
+    device = resolve_device(args.device)
+    decomposers = DecomposerSet.from_config(cfg.decomposers, only=only).to(device)
+    image = image.to(device)
     names = decomposers.names
     mask = None
     if "masking" in names:
@@ -60,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     captions = [args.caption] if args.caption is not None else None
     if "caption" in names and captions is None:
         raise ValueError("the caption decomposer needs --caption TEXT, or leave it out with --only")
-    conditions = decomposers.decompose(image, captions=captions, mask=mask)
+    conditions = decomposers.decompose(image, captions=captions, mask=None if mask is None else mask.to(device))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tiles = [("input", image)]

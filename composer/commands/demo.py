@@ -14,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-from composer.commands._common import positive_int
+from composer.commands._common import add_runtime_arguments, positive_int
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "demo-model"
 
@@ -28,6 +28,7 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="a trained pipeline folder for step 4")
     parser.add_argument("--steps", type=positive_int, default=25, help="sampling steps for step 4")
+    add_runtime_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -68,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         from composer.pipelines.demo import compose_from_two_scenes
 
-        path = compose_from_two_scenes(model, batch, out, steps=args.steps, seed=args.seed)
+        path = compose_from_two_scenes(model, batch, out, steps=args.steps, seed=args.seed, device=args.device,
+                                       precision=args.precision)
         print(f"[4/4] composed new images from conditions of two scenes -> {path}")
     print(f"done in {time.perf_counter() - start:.1f} s; outputs in {out}")
     return 0

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from composer.commands._common import positive_int
-from composer.commands.segment import add_device_argument, resolve_device
+from composer.commands.segment import add_device_argument
+from composer.runtime import resolve_device
 
 
 def register(subparsers) -> None:

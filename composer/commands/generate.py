@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from composer.commands._common import finite_float
+from composer.commands._common import add_runtime_arguments, finite_float, positive_int
+from composer.diffusion.schedulers import SAMPLER_NAMES
 
 # flag -> condition name (images or .npy files)
 IMAGE_CONDITIONS = {
@@ -27,13 +28,13 @@ def _add_condition_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drop-slots", default=None, metavar="I,J", help="with --slots: drop these slot indices")
     parser.add_argument("--swap-slots", default=None, metavar="IMG2:I=J",
                         help="with --slots: slot i takes slot j of IMG2 (IMG2:i or IMG2:i=j[,k=l])")
-    parser.add_argument("--guidance", type=finite_float, default=3.0, help="guidance weight w (default 3)")
+    parser.add_argument("--guidance", type=finite_float, default=None, help="guidance weight w (default: the model's, 3)")
     parser.add_argument("--away-from", default="", help="comma-separated conditions to guide away from (c1)")
-    parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
-    parser.add_argument("--scheduler", choices=("ancestral", "ddim", "ddpm", "dpm++"), default=None, help="sampler (default: the model's)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's, 25)")
+    parser.add_argument("--scheduler", choices=SAMPLER_NAMES, default=None, help="sampler (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=1)
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    add_runtime_arguments(parser)
     parser.add_argument("--grid", action="store_true", help="write the outputs beside pictures of the conditions")
     parser.add_argument("--out", required=True, help="output PNG (several images: name-0.png, name-1.png, ...)")
 
@@ -120,7 +121,7 @@ def _run(args, image=None, mask=None, masking_image=None) -> int:
 
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
-    pipe = ComposerPipeline.from_pretrained(args.model)
+    pipe = ComposerPipeline.from_pretrained(args.model, device=args.device)
     conditions, images, captions, away = _conditions(pipe, args)
     if masking_image is not None:  # generate: the masking condition without a pixel-exact paste-back
         size = int(pipe.unet.config.sample_size)

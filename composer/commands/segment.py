@@ -5,21 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from composer.commands._common import positive_int
+from composer.commands._common import add_runtime_arguments, positive_int
+from composer.runtime import resolve_device
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="'auto' (a GPU when present), 'cpu' or 'cuda' (default auto)")
-
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no GPU is available; use --device cpu")
-    return torch.device(name)
+    add_runtime_arguments(parser, precision=False)
 
 
 def register(subparsers) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from composer.commands._common import add_config_arguments, config_from_args
+from composer.commands._common import add_config_arguments, add_runtime_arguments, config_from_args
 
 
 def register(subparsers) -> None:
@@ -23,7 +23,8 @@ def register(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="start a fresh run even though output_dir holds one: its checkpoints, losses.csv, "
                         "pipeline/, samples/ and tensorboard/ are deleted first (same as --set train.overwrite=true)")
-    parser.add_argument("--output-dir", default=None, help="shortcut for --set output_dir=DIR")
+    parser.add_argument("--output-dir", "--out", dest="output_dir", default=None, help="shortcut for --set output_dir=DIR")
+    add_runtime_arguments(parser)  # shortcuts for train.device and train.mixed_precision
     parser.set_defaults(func=run)
 
 
@@ -38,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
         cfg.output_dir = args.output_dir
     if args.overwrite:
         cfg.train.overwrite = True
+    if args.device != "auto":
+        cfg.train.device = args.device
+    if args.precision is not None:
+        cfg.train.mixed_precision = args.precision
     try:
         summary = train(cfg)
     except RunError as error:

@@ -21,13 +21,3 @@ class DataConfig:
     # the stream stops with an error naming the shards and the skip reasons after this many skipped samples in
     # a row (or a whole pass without one usable sample), instead of streaming forever; 0 checks whole passes only
     max_consecutive_skips: int = 1000
-
-
-@dataclass
-class ScenesConfig:
-    """The synthetic 2.5D scene generator."""
-
-    size: int = 64  # rendered image side, 64 to 1024
-    min_objects: int = 1
-    max_objects: int = 6
-    supersample: int = 4  # anti-aliasing factor

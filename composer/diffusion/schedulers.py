@@ -16,33 +16,24 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    UniPCMultistepScheduler,
-)
-
 # name -> (class, settings). All start at the last training step ("trailing") except DPM-Solver++ and UniPC:
 # at t = 999 of the cosine schedule a_t is ~0, their unclipped x0 estimate explodes and the image stays
 # noisy (measured on the wave-1 demo model: mean error 0.52 vs 0.30 from an intensity map), so they start
 # at t = 950 ("leading", offset 1).
-SAMPLERS: dict[str, tuple[type, dict[str, Any]]] = {
+SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {  # diffusers class names, imported on use
     # DDPM's posterior steps on a subsequence of the training steps, fresh noise at every step (the same update
     # as DDIM with eta = 1). Measured on the wave-1 tiny model: deterministic DDIM leaves visible grain that
     # grows with the number of steps; ancestral steps give clean samples at 25-50 steps.
-    "ddpm": (DDPMScheduler, {"timestep_spacing": "trailing", "steps_offset": 0, "variance_type": "fixed_small"}),
+    "ddpm": ("DDPMScheduler", {"timestep_spacing": "trailing", "steps_offset": 0, "variance_type": "fixed_small"}),
     # set_alpha_to_one: the last step lands on a = 1 (x0 itself); False left a sqrt(1 - a_0) residual
     # (up to 0.026 from x0 with a perfect denoiser)
-    "ddim": (DDIMScheduler, {"timestep_spacing": "trailing", "steps_offset": 0, "set_alpha_to_one": True}),
-    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "timestep_spacing": "leading",
+    "ddim": ("DDIMScheduler", {"timestep_spacing": "trailing", "steps_offset": 0, "set_alpha_to_one": True}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "timestep_spacing": "leading",
                                             "steps_offset": 1, "final_sigmas_type": "zero"}),
-    "unipc": (UniPCMultistepScheduler, {"timestep_spacing": "leading", "steps_offset": 1,
+    "unipc": ("UniPCMultistepScheduler", {"timestep_spacing": "leading", "steps_offset": 1,
                                         "final_sigmas_type": "zero"}),
-    "euler": (EulerDiscreteScheduler, {"timestep_spacing": "trailing", "steps_offset": 0}),
-    "heun": (HeunDiscreteScheduler, {"timestep_spacing": "trailing", "steps_offset": 0}),
+    "euler": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing", "steps_offset": 0}),
+    "heun": ("HeunDiscreteScheduler", {"timestep_spacing": "trailing", "steps_offset": 0}),
 }
 ALIASES = {"ancestral": "ddpm"}  # the wave-1 name of the default sampler
 SAMPLER_NAMES = tuple(SAMPLERS) + tuple(ALIASES)
@@ -83,14 +74,16 @@ def canonical_sampler(name: str) -> str:
 
 def make_scheduler(name: str, config: Mapping[str, Any] | None = None):
     """The sampler ``name`` on the training schedule of ``config`` (a scheduler config; default: cosine)."""
-    cls, settings = SAMPLERS[canonical_sampler(name)]
+    import diffusers
+
+    class_name, settings = SAMPLERS[canonical_sampler(name)]
     base = {k: v for k, v in dict(config or DEFAULT_TRAINING_SCHEDULE).items() if not k.startswith("_")}
-    return cls.from_config({**base, **settings})
+    return getattr(diffusers, class_name).from_config({**base, **settings})
 
 
 def sampler_name(scheduler: Any) -> str | None:
     """The SAMPLERS name of a scheduler's class, or None for a scheduler the user brought."""
-    for name, (cls, _) in SAMPLERS.items():
-        if type(scheduler) is cls:
+    for name, (class_name, _) in SAMPLERS.items():
+        if type(scheduler).__name__ == class_name:
             return name
     return None

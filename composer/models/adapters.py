@@ -85,7 +85,7 @@ class GlobalAdapter(nn.Module):
             added = term if added is None else added + term
         tokens = [self.null_token.expand(batch_size, 1, -1)]
         masks = [torch.ones(batch_size, 1, dtype=torch.bool, device=device)]
-        for name, projection in self.token_projections.items():
+        for name in self.token_projections:
             if name not in conditions.values:
                 continue
             part, mask = self._tokens(name, conditions[name], batch_size, device, dtype)

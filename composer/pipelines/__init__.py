@@ -12,6 +12,6 @@ import diffusers
 from composer.pipelines.composer_pipeline import ComposerPipeline, ComposerPipelineOutput
 
 if getattr(diffusers, "ComposerPipeline", None) is not ComposerPipeline:
-    setattr(diffusers, "ComposerPipeline", ComposerPipeline)
+    diffusers.ComposerPipeline = ComposerPipeline
 
 __all__ = ["ComposerPipeline", "ComposerPipelineOutput"]

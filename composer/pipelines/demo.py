@@ -26,14 +26,15 @@ def _take(value, index: int):
 
 @torch.no_grad()
 def compose_from_two_scenes(model: str | Path, batch: dict[str, Any], out: Path, *, steps: int = 25, seed: int = 0,
-                            samples: int = 3, guidance_scale: float = 3.0) -> Path:
+                            samples: int = 3, guidance_scale: float = 3.0, device: str = "auto",
+                            precision: str | None = None) -> Path:
     """Decompose scenes A and B (the first two of ``batch``), then sample from mixed condition subsets.
 
     Writes ``out/composed.png``: one row per composition with A, B and ``samples`` generated images.
     """
-    pipe = ComposerPipeline.from_pretrained(model)
-    images = batch["image"][:2]
-    extras = {k: v[:2] for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "image"}
+    pipe = ComposerPipeline.from_pretrained(model, device=device)
+    images = batch["image"][:2].to(pipe.device)
+    extras = {k: v[:2].to(pipe.device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "image"}
     names = [n for n in pipe.decomposers.names if n != "masking"]
     reps = pipe.decomposers.decompose(images, captions=batch["caption"][:2], extras=extras, names=names)
     rows = []
@@ -44,8 +45,9 @@ def compose_from_two_scenes(model: str | Path, batch: dict[str, Any], out: Path,
         conditions = Conditions(values).subset(values)
         generators = [torch.Generator().manual_seed(seed + i) for i in range(samples)]
         result = pipe(conditions, num_images_per_prompt=samples, num_inference_steps=steps,
-                      guidance_scale=guidance_scale, generator=generators, output_type="pt", progress=False).images
-        tiles = [("scene A", images[:1]), ("scene B", images[1:2])] + [(f"#{i + 1}", result[i : i + 1]) for i in range(samples)]
+                      guidance_scale=guidance_scale, generator=generators, output_type="pt", progress=False,
+                      precision=precision).images
+        tiles = [("scene A", images[:1].cpu()), ("scene B", images[1:2].cpu())] + [(f"#{i + 1}", result[i : i + 1]) for i in range(samples)]
         rows.append(labelled_row([(f"{label}" if i == 2 else t, im) for i, (t, im) in enumerate(tiles)], tile=128))
     path = out / "composed.png"
     grid(rows).save(path)

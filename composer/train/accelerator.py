@@ -11,43 +11,26 @@ from __future__ import annotations
 
 import os
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
-PRECISIONS = ("auto", "bf16", "fp16", "no")
-
-
-def gpu_available() -> bool:
-    if torch.cuda.is_available():
-        return True
-    xpu = getattr(torch, "xpu", None)
-    return bool(xpu is not None and xpu.is_available())
-
-
-def cpu_supports_bf16() -> bool:
-    """True when this CPU runs bf16 natively (AVX-512 BF16 / AMX on x86, bf16 extensions on ARM)."""
-    from accelerate.utils import is_bf16_available
-
-    try:
-        return bool(is_bf16_available(ignore_tpu=True)) and torch.backends.cpu.get_cpu_capability() != "DEFAULT"
-    except Exception:
-        return False
+from composer.runtime import PRECISIONS, accelerate_mixed_precision, canonical_precision, gpu_available
 
 
 def resolve_mixed_precision(requested: str, use_cpu: bool) -> str:
-    """accelerate's mixed_precision string for ``train.mixed_precision`` on this device."""
-    if requested not in PRECISIONS:
-        raise ValueError(f"train.mixed_precision must be one of {PRECISIONS}, got {requested!r}")
-    if requested == "auto":
-        if use_cpu:
-            return "bf16" if cpu_supports_bf16() else "no"
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
-    if requested == "fp16" and use_cpu:
-        raise ValueError(
-            "train.mixed_precision=fp16 is emulated (and about 100x slower) on a CPU; use bf16 or no"
-        )
-    return requested
+    """accelerate's mixed_precision word for ``train.mixed_precision`` (composer.runtime's vocabulary, "no"
+    accepted for fp32). "auto" respects accelerate's own setting (``accelerate config`` / ``accelerate launch
+    --mixed_precision``, seen as ACCELERATE_MIXED_PRECISION) and otherwise picks bf16 where it is native."""
+    try:
+        precision = canonical_precision(requested)
+    except ValueError:
+        raise ValueError(f"train.mixed_precision must be one of {', '.join(PRECISIONS)} (or no), got {requested!r}") from None
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    if precision == "auto" and launched in ("bf16", "fp16", "no"):
+        precision = canonical_precision(launched)
+    if precision == "fp16" and use_cpu:
+        raise ValueError("train.mixed_precision=fp16 is emulated (and about 100x slower) on a CPU; use bf16 or fp32")
+    return accelerate_mixed_precision(precision, "cpu" if use_cpu else "cuda")
 
 
 def make_accelerator(*, device: str = "auto", mixed_precision: str = "auto", grad_accumulation: int = 1,
@@ -57,8 +40,8 @@ def make_accelerator(*, device: str = "auto", mixed_precision: str = "auto", gra
     device: "auto" (a GPU when present) or "cpu". Unused parameters are allowed in DDP because a batch
     in which every sample dropped a condition does not touch that condition's adapter.
     """
-    if device not in ("auto", "cpu"):
-        raise ValueError(f"train.device must be 'auto' or 'cpu', got {device!r}; pick GPUs with accelerate launch")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device must be auto, cpu or cuda, got {device!r}; pick GPUs with accelerate launch")
     if grad_accumulation < 1:
         raise ValueError(f"train.grad_accumulation must be at least 1, got {grad_accumulation}")
     use_cpu = device == "cpu" or not gpu_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in (

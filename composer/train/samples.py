@@ -65,3 +65,47 @@ def save_grid(grid: torch.Tensor, path: str | Path) -> Path:
     Image.fromarray(pixels).save(tmp, format="PNG")
     tmp.replace(path)
     return path
+
+
+def held_out_batch(cfg, device: torch.device | str) -> dict | None:
+    """A fixed batch for sample grids: from train.sample_shards, or the training shards with another seed."""
+    import copy
+
+    from composer.data.loader import make_loader
+
+    data = copy.deepcopy(cfg.data)
+    key = "data.shards"
+    if cfg.train.sample_shards:
+        data.shards = list(cfg.train.sample_shards)
+        key = "train.sample_shards"
+    data.batch_size = cfg.train.sample_images
+    data.num_workers = 0
+    data.crop = "center"
+    try:  # the main process reads the whole held-out set, whatever the number of processes
+        return next(iter(make_loader(data, seed=cfg.seed + 1_000_003, rank=0, world_size=1, epochs=1, shards_key=key)))
+    except StopIteration:
+        return None
+
+
+@torch.no_grad()
+def sample_grid(pipeline_dir: str | Path, batch: dict | None, images_seen: int, device: torch.device | str,
+                out: str | Path | None = None) -> tuple[Path, torch.Tensor] | None:
+    """EMA samples of a pipeline folder for a held-out batch under all, none and each single condition, with
+    the pipeline's saved sampling defaults; written to ``out`` (default PIPELINE/../samples/grid-N.png)."""
+    from composer.pipelines import ComposerPipeline, layout
+    from composer.train.step import batch_extras
+
+    pipeline_dir = Path(pipeline_dir)
+    if batch is None or not layout.is_pipeline_folder(pipeline_dir):
+        return None
+    pipe = ComposerPipeline.from_pretrained(pipeline_dir, device=device)
+    images = batch["image"].to(pipe.device)
+    conditions = pipe.decomposers.decompose(images, captions=batch["caption"], extras=batch_extras(batch, pipe.device),
+                                            training=False, mask=centre_mask(images))
+    rows = []
+    for label, names in condition_subsets(pipe.decomposers.names):
+        generators = [torch.Generator().manual_seed(1000 + i) for i in range(images.shape[0])]
+        rows.append((label, pipe(conditions.subset(names), generator=generators, output_type="pt", progress=False).images))
+    grid = compose_grid(images.cpu(), rows)
+    path = save_grid(grid, out or pipeline_dir.parent / "samples" / f"grid-{images_seen:012d}.png")
+    return path, grid
