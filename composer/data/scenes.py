@@ -97,31 +97,52 @@ def generate_scene(
     supersample: int | None = None,
 ) -> Scene:
     """Render scene ``index`` of the run seeded by ``seed`` at ``size`` x ``size`` pixels."""
+    # 1. Check inputs
     if not 16 <= size <= 4096:
         raise ValueError(f"scene size must be between 16 and 4096 pixels, got {size}")
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects} and {max_objects}")
     if supersample is None:
         supersample = 4 if size <= 256 else 2
+    # 2. Draw the scene graph (the only use of the random stream)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
-
     background = _sample_background(rng)
     objects = [_sample_object(rng, background) for _ in range(int(rng.integers(min_objects, max_objects + 1)))]
     objects.sort(key=lambda o: -o.depth)  # painter's order: far first
+    # 3. Rasterise every object, drop the ones left hidden
+    objects, layers = _keep_visible(objects, [_rasterise(o, size, supersample) for o in objects], size)
+    # 4. Paint far to near, with the ground-truth maps from the same coverage
+    image, instances, classes, depth = _paint(background, objects, layers, size)
+    # 5. Describe what is visible
+    records = _object_records(objects, layers, instances, size)
+    caption = _caption(records, background)
+    meta = {
+        "seed": int(seed),
+        "index": int(index),
+        "size": int(size),
+        "background": {k: v for k, v in background.items() if k != "rgb"},
+        "objects": records,
+        "caption": caption,
+    }
+    return Scene(np.clip(image, 0.0, 1.0).astype(np.float32), instances, classes, depth.astype(np.float32), caption, meta)
 
-    layers = [_rasterise(o, size, supersample) for o in objects]
+
+def _keep_visible(objects: list[_Object], layers: list, size: int) -> tuple[list[_Object], list]:
+    """The objects (and their layers) at least MIN_VISIBLE_FRACTION visible and covering a few pixels."""
     visible = _visible_fractions(layers, size)
     min_pixels = max(4.0, 0.002 * size * size)
     kept = [i for i, (frac, px) in enumerate(visible) if frac >= MIN_VISIBLE_FRACTION and px >= min_pixels]
     if not kept:  # the nearest object is never occluded; keep it whatever its size
         kept = [len(objects) - 1]
-    objects = [objects[i] for i in kept]
-    layers = [layers[i] for i in kept]
+    return [objects[i] for i in kept], [layers[i] for i in kept]
 
+
+def _paint(background: dict[str, Any], objects: list[_Object], layers: list,
+           size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Image, instance ids, class ids and depth: the background, then each layer over it in painter's order."""
     image, depth = _render_background(background, size)
     instances = np.zeros((size, size), np.int32)
     classes = np.zeros((size, size), np.uint8)
-    records = []
     for instance_id, (obj, layer) in enumerate(zip(objects, layers), start=1):
         (y0, y1, x0, x1), coverage, colour = layer
         region = image[y0:y1, x0:x1]
@@ -130,6 +151,12 @@ def generate_scene(
         instances[y0:y1, x0:x1][hard] = instance_id
         classes[y0:y1, x0:x1][hard] = SHAPES.index(obj.shape) + 1
         depth[y0:y1, x0:x1][hard] = obj.depth
+    return image, instances, classes, depth
+
+
+def _object_records(objects: list[_Object], layers: list, instances: np.ndarray, size: int) -> list[dict[str, Any]]:
+    """Each object's metadata as it ends up in the picture (bbox, visible pixels, coarse position)."""
+    records = []
     for instance_id, obj in enumerate(objects, start=1):
         ys, xs = np.nonzero(instances == instance_id)
         full = int((layers[instance_id - 1][1] >= 0.5).sum())
@@ -152,16 +179,7 @@ def generate_scene(
                 "position": _position_words(xs.mean() / size, ys.mean() / size),
             }
         )
-    caption = _caption(records, background)
-    meta = {
-        "seed": int(seed),
-        "index": int(index),
-        "size": int(size),
-        "background": {k: v for k, v in background.items() if k != "rgb"},
-        "objects": records,
-        "caption": caption,
-    }
-    return Scene(np.clip(image, 0.0, 1.0).astype(np.float32), instances, classes, depth.astype(np.float32), caption, meta)
+    return records
 
 
 # --- sampling ---------------------------------------------------------------------------------------
