@@ -285,8 +285,8 @@ class SlotsDecomposer(Decomposer):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> SlotsDecomposer:
-        """Load from a folder written by ``save_pretrained``, or from a pipeline folder (DIR/decomposers/slots,
-        options read from DIR/decomposers/config.yaml). Returned in eval mode."""
+        """Load from a folder written by ``save_pretrained``, or PIPELINE/decomposers/slots (options read from
+        the decomposers folder's config.yaml). Returned in eval mode."""
         from safetensors.torch import load_file
 
         folder, options = _locate(Path(path))
@@ -303,20 +303,11 @@ class SlotsDecomposer(Decomposer):
 
 
 def _locate(path: Path) -> tuple[Path, dict[str, Any]]:
-    """(folder holding model.safetensors, constructor options) for a slots folder or a pipeline folder."""
-    if (path / "model_index.json").is_file():  # a pipeline folder
-        config_path = path / "decomposers" / "config.yaml"
-        if config_path.is_file():
-            from omegaconf import OmegaConf
-
-            config = OmegaConf.to_container(OmegaConf.load(config_path)) or {}
-            if "slots" not in (config.get("enabled") or []):
-                raise ValueError(f"the pipeline {path} was trained without slots (decomposers.enabled lacks 'slots'); "
-                                 "train with slots enabled")
-        path = path / "decomposers" / "slots"
+    """(folder holding model.safetensors, constructor options) for a slots folder (or PIPELINE/decomposers/slots)."""
     if not (path / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(f"no slot encoder weights at {path / WEIGHTS_NAME}; give a pipeline folder trained "
-                                "with slots or a folder written by SlotsDecomposer.save_pretrained")
+        raise FileNotFoundError(f"no slot encoder weights at {path / WEIGHTS_NAME}; give a folder written by "
+                                "SlotsDecomposer.save_pretrained, or PIPELINE/decomposers/slots of a pipeline "
+                                "trained with slots (composer.pipelines.layout.slot_encoder_folder)")
     if (path / CONFIG_NAME).is_file():
         options = json.loads((path / CONFIG_NAME).read_text())
     elif (path.parent / "config.yaml").is_file():  # DIR/decomposers/slots of a pipeline folder

@@ -15,6 +15,7 @@ from composer.conditions import Conditions
 from composer.models.config import model_kwargs
 from composer.models.unet import ComposerUNet
 from composer.pipelines.composer_pipeline import ComposerPipeline
+from composer.pipelines.layout import slot_encoder_folder
 from composer.slots.editing import (
     add_slots,
     drop_slots,
@@ -196,7 +197,7 @@ def test_the_encoder_loads_from_a_pipeline_folder(slots_pipeline):
     pipe, folder = slots_pipeline
     images = torch.rand(2, 3, 16, 16)
     expected = pipe.decomposers.decomposers["slots"](images)
-    torch.testing.assert_close(SlotsDecomposer.from_pretrained(folder)(images), expected, atol=0, rtol=0)
+    torch.testing.assert_close(SlotsDecomposer.from_pretrained(slot_encoder_folder(folder))(images), expected, atol=0, rtol=0)
     reloaded = load_decomposers(folder / "decomposers")
     torch.testing.assert_close(reloaded.decompose(images)["slots"], expected, atol=0, rtol=0)
 
@@ -244,7 +245,7 @@ def test_segment_command_writes_the_argmax_segmentation(slots_pipeline, tmp_path
     assert main(["segment", str(tmp_path / "cat.png"), "--model", str(folder), "--out", str(tmp_path / "seg")]) == 0
     out = tmp_path / "seg"
     assert "area per slot" in capsys.readouterr().out
-    encoder = SlotsDecomposer.from_pretrained(folder)
+    encoder = SlotsDecomposer.from_pretrained(slot_encoder_folder(folder))
     from composer.imageio import load_image
 
     image = load_image(tmp_path / "cat.png", 16)
@@ -280,7 +281,7 @@ def test_evaluate_slots_command_reports_the_metrics_of_the_masks(slots_pipeline,
                       shuffle_shards=False, shuffle_buffer=0, extras=["instances"])
     batch = next(iter(make_loader(data, seed=0, epochs=1)))
     with torch.no_grad():
-        _, masks = SlotsDecomposer.from_pretrained(folder).encode(batch["image"])
+        _, masks = SlotsDecomposer.from_pretrained(slot_encoder_folder(folder)).encode(batch["image"])
     assert result["fg_ari"] == pytest.approx(float(foreground_ari(batch["instances"], masks).nanmean()), abs=1e-9)
     assert result["mbo"] == pytest.approx(float(mean_best_overlap(batch["instances"], masks).nanmean()), abs=1e-9)
 

@@ -53,13 +53,14 @@ def register(subparsers) -> None:
 def run_build(args: argparse.Namespace) -> int:
     from composer.data.config import DataConfig
     from composer.data.loader import make_loader
+    from composer.pipelines.layout import slot_encoder_folder
     from composer.slots.concepts import build_library
     from decomposers.slots import SlotsDecomposer
 
     for name in ("k", "max_images", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    encoder = SlotsDecomposer.from_pretrained(args.model, device=resolve_device(args.device))
+    encoder = SlotsDecomposer.from_pretrained(slot_encoder_folder(args.model), device=resolve_device(args.device))
     data = DataConfig(shards=list(args.shards), resolution=encoder.input_resolution, crop="center",
                       batch_size=args.batch_size, num_workers=0, shuffle_shards=False, shuffle_buffer=0, extras=[])
     loader = make_loader(data, seed=0, rank=0, world_size=1, epochs=1)

@@ -59,12 +59,13 @@ def evaluate(encoder, shards: list[str], *, max_images: int, batch_size: int, re
 
 
 def run(args: argparse.Namespace) -> int:
+    from composer.pipelines.layout import slot_encoder_folder
     from decomposers.slots import SlotsDecomposer
 
     for name in ("max_images", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    encoder = SlotsDecomposer.from_pretrained(args.model, device=resolve_device(args.device))
+    encoder = SlotsDecomposer.from_pretrained(slot_encoder_folder(args.model), device=resolve_device(args.device))
     resolution = args.resolution or encoder.input_resolution
     result = evaluate(encoder, args.shards, max_images=args.max_images, batch_size=args.batch_size,
                       resolution=resolution, num_slots=args.num_slots)

@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from composer.imageio import labelled_row, load_image, save_image
+    from composer.pipelines.layout import slot_encoder_folder
     from composer.slots.visuals import overlay, segmentation_map
     from decomposers.slots import SlotsDecomposer
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.num_slots is not None and args.num_slots < 1:
         raise ValueError(f"--num-slots must be at least 1, got {args.num_slots}")
     device = resolve_device(args.device)
-    encoder = SlotsDecomposer.from_pretrained(args.model, device=device)
+    encoder = SlotsDecomposer.from_pretrained(slot_encoder_folder(args.model), device=device)
     image = load_image(args.image, args.size or encoder.input_resolution).to(device)
     with torch.no_grad():
         slots, masks = encoder.encode(image, num_slots=args.num_slots)

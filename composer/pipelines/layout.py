@@ -114,6 +114,20 @@ def weights(folder: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
+def slot_encoder_folder(source: str | os.PathLike) -> Path:
+    """The slot encoder's folder for a pipeline folder (PIPELINE/decomposers/slots), or ``source`` itself
+    when it is a slots folder already (written by SlotsDecomposer.save_pretrained)."""
+    from decomposers.folder import read_config
+
+    source = Path(source)
+    if not is_pipeline_folder(source):
+        return source
+    if "slots" not in (read_config(source / "decomposers").get("enabled") or []):
+        raise ValueError(f"the pipeline {source} was trained without slots (decomposers.enabled lacks 'slots'); "
+                         "train with slots enabled")
+    return source / "decomposers" / "slots"
+
+
 def has_decomposers(folder: Path) -> bool:
     return (folder / "decomposers" / "config.yaml").is_file()
 

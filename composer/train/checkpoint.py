@@ -322,35 +322,15 @@ def resolve_resume(resume: str | None, store: CheckpointStore, say: Callable[[st
 
 
 def publish_directory(staging: str | os.PathLike, final: str | os.PathLike) -> Path:
-    """Replace folder ``final`` by the fully written folder ``staging`` (fsynced first).
+    """Replace folder ``final`` by the fully written folder ``staging`` (composer.pipelines.layout.swap_in:
+    FINAL.old between the two renames, fsynced, restored by ``recover_directory`` after a crash)."""
+    from composer.pipelines.layout import swap_in
 
-    Folders cannot be swapped in one rename, so the old one is first renamed to ``<final>.old``; if the
-    process dies between the two renames, ``recover_directory(final)`` (called at start-up) puts it back.
-    """
-    staging, final = Path(staging), Path(final)
-    fsync_tree(staging)
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        if final.exists():
-            shutil.rmtree(old)
-        else:
-            os.rename(old, final)
-    if final.exists():
-        os.rename(final, old)
-    os.rename(staging, final)
-    fsync_dir(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    return swap_in(staging, final)
 
 
 def recover_directory(final: str | os.PathLike) -> None:
     """Undo a ``publish_directory`` interrupted between its renames, and drop its leftovers."""
-    final = Path(final)
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(old, final)
-    for leftover in final.parent.glob(f"{final.name}.tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    from composer.pipelines.layout import recover
+
+    recover(final)
