@@ -88,10 +88,29 @@ def load_open_clip(
             _CACHE[key] = open_clip.create_model(model_name, pretrained=None, load_weights=True).eval().requires_grad_(False)
         return _CACHE[key]
     if model_config_file:
-        config_path = resolve_path(model_config_file, base_dir, option=f"{section}.model_config_file")
-        if not Path(config_path).is_file():
-            raise FileNotFoundError(f"open_clip model config {model_config_file} not found; fix {section}.model_config_file")
-        open_clip.add_model_config(config_path)
+        _register_model_config(model_config_file, base_dir, section)
+    weights = _resolve_weights(model_name, pretrained, option, base_dir)
+    key = (model_name, weights)
+    if key not in _CACHE:
+        _CACHE[key] = _create_with_weights(model_name, pretrained, weights, option).eval().requires_grad_(False)
+    return _CACHE[key]
+
+
+def _register_model_config(model_config_file: str, base_dir: str | os.PathLike | None, section: str) -> None:
+    """Make open_clip know the model a JSON config (inside ``base_dir`` when given) defines."""
+    import open_clip
+
+    config_path = resolve_path(model_config_file, base_dir, option=f"{section}.model_config_file")
+    if not Path(config_path).is_file():
+        raise FileNotFoundError(f"open_clip model config {model_config_file} not found; fix {section}.model_config_file")
+    open_clip.add_model_config(config_path)
+
+
+def _resolve_weights(model_name: str, pretrained: str | None, option: str,
+                     base_dir: str | os.PathLike | None) -> str:
+    """``pretrained`` as open_clip's ``pretrained=``: an existing checkpoint path or a known open_clip tag."""
+    import open_clip
+
     if not pretrained:
         raise ValueError(
             f"no CLIP weights configured for {model_name!r}; set {option} to a checkpoint path, an "
@@ -105,25 +124,27 @@ def load_open_clip(
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         if pretrained not in tags:
             raise ValueError(f"{pretrained!r} is not an open_clip tag of {model_name} (known: {', '.join(tags) or 'none'}); fix {option}")
-    key = (model_name, weights)
-    if key not in _CACHE:
-        try:
-            model = open_clip.create_model(model_name, pretrained=weights, load_weights=True)
-        except RuntimeError as error:  # open_clip raises RuntimeError for unknown models / bad tags / failed downloads
-            message = " ".join(str(error).split())
-            if "download" in message.lower():
-                raise FileNotFoundError(
-                    f"CLIP weights {pretrained!r} for {model_name} are not in the local cache and downloads are off; "
-                    f"set {option} to a local checkpoint path"
-                ) from None
-            raise ValueError(f"could not load CLIP {model_name} with weights {pretrained}: {message[:300]}; fix {option}") from None
-        except Exception as error:  # e.g. a hub tag that is not cached while offline
-            if _offline_error(error):
-                raise FileNotFoundError(
-                    f"CLIP weights {pretrained!r} for {model_name} are not in the local cache and downloads are off; "
-                    f"set {option} to a local checkpoint path"
-                ) from None
-            raise
-        model.eval().requires_grad_(False)
-        _CACHE[key] = model
-    return _CACHE[key]
+    return weights
+
+
+def _create_with_weights(model_name: str, pretrained: str, weights: str, option: str) -> torch.nn.Module:
+    """``open_clip.create_model`` with its failures (unknown model, bad tag, no download) as one clear error."""
+    import open_clip
+
+    try:
+        return open_clip.create_model(model_name, pretrained=weights, load_weights=True)
+    except RuntimeError as error:  # open_clip raises RuntimeError for unknown models / bad tags / failed downloads
+        message = " ".join(str(error).split())
+        if "download" in message.lower():
+            raise FileNotFoundError(
+                f"CLIP weights {pretrained!r} for {model_name} are not in the local cache and downloads are off; "
+                f"set {option} to a local checkpoint path"
+            ) from None
+        raise ValueError(f"could not load CLIP {model_name} with weights {pretrained}: {message[:300]}; fix {option}") from None
+    except Exception as error:  # e.g. a hub tag that is not cached while offline
+        if _offline_error(error):
+            raise FileNotFoundError(
+                f"CLIP weights {pretrained!r} for {model_name} are not in the local cache and downloads are off; "
+                f"set {option} to a local checkpoint path"
+            ) from None
+        raise
