@@ -153,7 +153,7 @@ def swap_in(staging: str | os.PathLike, final: str | os.PathLike) -> Path:
     swapped in one rename, so the old one is renamed to FINAL.old first; ``recover`` puts it back if the
     process dies between the two renames."""
     staging, final = Path(staging), Path(final)
-    _fsync_tree(staging)
+    fsync_tree(staging)
     old = final.with_name(final.name + RETIRED_MARK)
     if old.exists():
         if final.exists():
@@ -163,7 +163,7 @@ def swap_in(staging: str | os.PathLike, final: str | os.PathLike) -> Path:
     if final.exists():
         os.rename(final, old)
     os.rename(staging, final)
-    _fsync(final.parent)
+    fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -182,10 +182,11 @@ def recover(final: str | os.PathLike) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _fsync(path: Path) -> None:
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename is durable once its folder is synced)."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
+    except OSError:  # some platforms cannot open folders; the rename is still atomic there
         return
     try:
         os.fsync(fd)
@@ -195,11 +196,18 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            _fsync(path)
-    _fsync(root)
+def fsync_tree(path: str | os.PathLike) -> None:
+    """Flush a file, or every file and folder below a folder, to disk."""
+    path = Path(path)
+    if path.is_file():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+        return
+    for folder, _dirs, files in os.walk(path):
+        for name in files:
+            with open(Path(folder) / name, "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(folder)
 
 
 def upgrade(folder: str | os.PathLike, *, weights_dtype: Any = None) -> Path:

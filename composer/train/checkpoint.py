@@ -29,6 +29,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from composer.pipelines.layout import fsync_dir, fsync_tree
+
 CHECKPOINT_PREFIX = "checkpoint-"
 STAGING_PREFIX = "tmp-"
 TRASH_PREFIX = "trash-"
@@ -40,36 +42,6 @@ _NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 def checkpoint_name(images_seen: int) -> str:
     return f"{CHECKPOINT_PREFIX}{images_seen:012d}"
-
-
-def fsync_tree(path: str | os.PathLike) -> None:
-    """fsync every file and folder under ``path`` (and ``path`` itself), so a rename after it is durable."""
-    path = Path(path)
-    if path.is_file():
-        _fsync_file(path)
-        return
-    for folder, _dirs, files in os.walk(path):
-        for name in files:
-            _fsync_file(Path(folder) / name)
-        fsync_dir(folder)
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
