@@ -390,44 +390,21 @@ def train_scene_clip(config: SceneClipConfig, output_dir: str | os.PathLike, *,
     """
     import open_clip
 
+    # 1. Start the run: config.json, the seeded model and its optimizer, restored from a checkpoint if any
     if config.threads:
         torch.set_num_threads(config.threads)
     output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-    model, tokenizer = build_scene_clip(config)
-    model.train()
-    optimizer = _optimizer(model, config)
+    model, tokenizer, optimizer, start = _start_run(config, output, log)
     loss_function = open_clip.ClipLoss()
-    start = load_training_state(output, model, optimizer)
-    if start:
-        log(f"resumed from step {start}")
-
+    # 2. The scene pools
     began = time.time()
-    if train_set is None:
-        train_set = load_or_render_scenes(config.train_seed, config.train_scenes, config.image_size, config.scene_cache)
-        log(f"training pool: {len(train_set)} scenes (seed {config.train_seed}) in {time.time() - began:.0f} s")
-    if eval_set is None:
-        eval_set = render_scenes(config.eval_seed, max(config.eval_scenes, config.probe_scenes), config.image_size)
+    train_set, eval_set = _scene_pools(config, train_set, eval_set, log, began)
     tokens = tokenizer(train_set.captions)
-
-    history = []
-    history_path = output / HISTORY_FILE
+    # 3. Train: log every log_every steps, evaluate every eval_every, checkpoint every checkpoint_every
+    history: list[dict[str, Any]] = []
     running, running_count, step_began = 0.0, 0, time.time()
     for step in range(start, config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate_at(step, config)
-        index = batch_indices(step, config.batch_size, len(train_set), config.seed)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-            image_features = model.encode_image(image_inputs(model, train_set.images[index]), normalize=True)
-            text_features = F.normalize(encode_text_trimmed(model, tokens[index]), dim=-1)
-            loss = loss_function(image_features.float(), text_features.float(), model.logit_scale.exp())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        running += loss.item()
+        running += _train_step(model, optimizer, loss_function, train_set.images, tokens, step, config)
         running_count += 1
         done = step + 1
         record: dict[str, Any] = {}
@@ -439,31 +416,91 @@ def train_scene_clip(config: SceneClipConfig, output_dir: str | os.PathLike, *,
             running, running_count, step_began = 0.0, 0, time.time()
         if done % config.eval_every == 0 or done == config.steps:
             model.eval()
-            features = embed(model, tokenizer, eval_set.images[: config.eval_scenes],
-                             eval_set.captions[: config.eval_scenes], bf16=config.bf16)
-            record.update({"step": done, **retrieval_metrics(*features, eval_set.captions[: config.eval_scenes])})
+            record.update({"step": done, **_retrieval(model, tokenizer, eval_set, config.eval_scenes, config.bf16)})
             model.train()
         if record:
             history.append(record)
-            with open(history_path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            _write_record(output / HISTORY_FILE, record, log)
         if done % config.checkpoint_every == 0 or done in (config.steps, stop_after):
             save_training_state(output, model, optimizer, done, config)
         if done == stop_after:
             break
-
+    # 4. Final retrieval and attribute probes on the held-out scenes
     model.eval()
+    metrics = _final_metrics(model, tokenizer, eval_set, config)
+    metrics["train_seconds"] = time.time() - began
+    return {"history": history, "metrics": metrics, "model": model}
+
+
+def _start_run(config: SceneClipConfig, output: Path,
+               log: Callable[[str], None]) -> tuple[torch.nn.Module, Callable, torch.optim.Optimizer, int]:
+    """Write config.json; a fresh model (train mode) and optimizer, restored from ``output``'s checkpoint if any;
+    returns them with the step to continue from."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    model, tokenizer = build_scene_clip(config)
+    model.train()
+    optimizer = _optimizer(model, config)
+    start = load_training_state(output, model, optimizer)
+    if start:
+        log(f"resumed from step {start}")
+    return model, tokenizer, optimizer, start
+
+
+def _scene_pools(config: SceneClipConfig, train_set: SceneSet | None, eval_set: SceneSet | None,
+                 log: Callable[[str], None], began: float) -> tuple[SceneSet, SceneSet]:
+    """The given sets, or the configured training pool (cached) and held-out scenes rendered now."""
+    if train_set is None:
+        train_set = load_or_render_scenes(config.train_seed, config.train_scenes, config.image_size, config.scene_cache)
+        log(f"training pool: {len(train_set)} scenes (seed {config.train_seed}) in {time.time() - began:.0f} s")
+    if eval_set is None:
+        eval_set = render_scenes(config.eval_seed, max(config.eval_scenes, config.probe_scenes), config.image_size)
+    return train_set, eval_set
+
+
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_function: Callable,
+                images: torch.Tensor, tokens: torch.Tensor, step: int, config: SceneClipConfig) -> float:
+    """One optimizer update on the batch of ``step`` at its scheduled learning rate; returns the loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate_at(step, config)
+    index = batch_indices(step, config.batch_size, len(tokens), config.seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        image_features = model.encode_image(image_inputs(model, images[index]), normalize=True)
+        text_features = F.normalize(encode_text_trimmed(model, tokens[index]), dim=-1)
+        loss = loss_function(image_features.float(), text_features.float(), model.logit_scale.exp())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+    return loss.item()
+
+
+def _retrieval(model: torch.nn.Module, tokenizer: Callable, scenes: SceneSet, count: int,
+               bf16: bool = False) -> dict[str, float]:
+    """``retrieval_metrics`` over the first ``count`` scenes."""
+    features = embed(model, tokenizer, scenes.images[:count], scenes.captions[:count], bf16=bf16)
+    return retrieval_metrics(*features, scenes.captions[:count])
+
+
+def _write_record(path: Path, record: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Append one history record to ``path`` (JSON lines) and log it on one line."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+
+def _final_metrics(model: torch.nn.Module, tokenizer: Callable, eval_set: SceneSet,
+                   config: SceneClipConfig) -> dict[str, Any]:
+    """Retrieval (fp32) and, with ``probe_scenes``, the attribute probes; none when the scenes have no metadata."""
     metrics: dict[str, Any] = {}
     if eval_set.metas:
-        features = embed(model, tokenizer, eval_set.images[: config.eval_scenes], eval_set.captions[: config.eval_scenes])
-        metrics.update(retrieval_metrics(*features, eval_set.captions[: config.eval_scenes]))
+        metrics.update(_retrieval(model, tokenizer, eval_set, config.eval_scenes))
         if config.probe_scenes > 0:
             probe_set = SceneSet(eval_set.images[: config.probe_scenes], eval_set.captions[: config.probe_scenes],
                                  eval_set.metas[: config.probe_scenes])
             metrics.update(attribute_probes(model, tokenizer, probe_set, seed=config.seed))
-    metrics["train_seconds"] = time.time() - began
-    return {"history": history, "metrics": metrics, "model": model}
+    return metrics
 
 
 def evaluate_scene_clip(model: torch.nn.Module, tokenizer: Callable, seed: int = 1_000_003, count: int = 256,
