@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    if not (Path(args.model) / "model_index.json").is_file():
+    from composer.pipelines.layout import is_pipeline_folder
+
+    if not is_pipeline_folder(args.model):
         print(f"error: {args.model} is not a pipeline folder (no model_index.json); pass e.g. runs/tiny/pipeline")
         return 2
     try:

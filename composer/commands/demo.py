@@ -64,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"[3/4] decomposed scene {batch['key'][0]!r} ({batch['caption'][0]!r}) -> {out / 'decomposition.png'}")
 
     model = Path(args.model)
-    if not (model / "model_index.json").is_file():
+    from composer.pipelines.layout import is_pipeline_folder
+
+    if not is_pipeline_folder(model):
         print(f"[4/4] no trained pipeline at {model}: skipping generation (train one with `composer-diffusion train`)")
     else:
         from composer.pipelines.demo import compose_from_two_scenes
