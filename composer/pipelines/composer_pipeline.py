@@ -35,8 +35,11 @@ from composer.models.unet import ComposerUNet  # noqa: F401  (a component class 
 from composer.pipelines import inputs, layout
 from composer.runtime import autocast, resolve_device
 from decomposers.set import DecomposerSet  # noqa: F401  (a component class diffusers must find imported)
+from upsamplers.stage import KIND as UPSAMPLER, StageSettings, UpsamplerStage, scheduler_component
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+STAGE_NAMES = ("upsampler_256", "upsampler_1024")  # the cascade's optional upsampling stages, in order
+STAGE_COMPONENTS = tuple(c for name in STAGE_NAMES for c in (name, scheduler_component(name)))
 
 
 @dataclass
@@ -59,18 +62,23 @@ class _Edit:
 class ComposerPipeline(DiffusionPipeline):
     """Compose images from any subset of conditions; region edits keep every pixel outside the mask."""
 
-    _optional_components = ["decomposers"]
-    model_cpu_offload_seq = "unet"
+    _optional_components = ["decomposers", *STAGE_COMPONENTS]
+    model_cpu_offload_seq = "unet->upsampler_256->upsampler_1024"
 
-    def __init__(self, unet, scheduler, decomposers=None, prediction_type: str | None = None,
+    def __init__(self, unet, scheduler, decomposers=None, upsampler_256=None, upsampler_256_scheduler=None,
+                 upsampler_1024=None, upsampler_1024_scheduler=None, prediction_type: str | None = None,
                  sampling: Mapping[str, Any] | None = None, stages: list[dict[str, Any]] | None = None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler, decomposers=decomposers)
+        self.register_modules(unet=unet, scheduler=scheduler, decomposers=decomposers, upsampler_256=upsampler_256,
+                              upsampler_256_scheduler=upsampler_256_scheduler, upsampler_1024=upsampler_1024,
+                              upsampler_1024_scheduler=upsampler_1024_scheduler)
         self.register_to_config(
             prediction_type=prediction_type or scheduler.config.get("prediction_type", "epsilon"),
             sampling=SampleConfig.from_dict(sampling).to_dict(),
             stages=list(stages or [layout.base_stage(unet.config.sample_size)]),
         )
+        self.current_stage = "base"  # the stage being sampled (callbacks can read it)
+        self.upsamplers  # noqa: B018  (a listed stage without its components is one clear error now)
 
     # --- loading and saving (the folder layout is layout.py's) ----------------------------------------------
 
@@ -93,7 +101,8 @@ class ComposerPipeline(DiffusionPipeline):
 
                 decomposers = load_set(folder / "decomposers", trust_pickle=trust_pickle)
             pipe = super().from_pretrained(folder, torch_dtype=torch_dtype, decomposers=decomposers, **kwargs)
-        pipe.unet.eval().requires_grad_(False)
+        for module in [pipe.unet] + [stage.unet for stage in pipe.upsamplers]:
+            module.eval().requires_grad_(False)
         if sampler is not None:
             pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
         return pipe.to(resolve_device(device)) if device is not None else pipe
@@ -104,6 +113,50 @@ class ComposerPipeline(DiffusionPipeline):
         super().save_pretrained(save_directory, **kwargs)
         if weights_dtype is not None:
             self.unet.save_pretrained(os.path.join(save_directory, "unet"), dtype=weights_dtype)
+            for stage in self.upsamplers:
+                stage.unet.save_pretrained(os.path.join(save_directory, stage.settings.name), dtype=weights_dtype)
+
+    # --- the cascade's stages -----------------------------------------------------------------------------------
+
+    @property
+    def upsamplers(self) -> list[UpsamplerStage]:
+        """The upsampling stages the folder lists, in cascade order (empty for a base-only pipeline)."""
+        stages = []
+        for entry in self.config.stages:
+            if entry.get("kind") != UPSAMPLER:
+                continue
+            settings = StageSettings.from_entry(entry)
+            unet, scheduler = getattr(self, settings.name, None), getattr(self, scheduler_component(settings.name), None)
+            if unet is None or scheduler is None:
+                raise ValueError(f"model_index.json lists the stage {settings.name!r} but the folder has no "
+                                 f"{settings.name}/ or {scheduler_component(settings.name)}/; attach it again")
+            stages.append(UpsamplerStage(unet, scheduler, settings))
+        return stages
+
+    def add_stage(self, unet, scheduler, settings: StageSettings | Mapping[str, Any]) -> None:
+        """Add (or replace) an upsampling stage: its UNet, its scheduler and its settings."""
+        settings = settings if isinstance(settings, StageSettings) else StageSettings.from_entry(settings)
+        if settings.name not in STAGE_NAMES:
+            raise ValueError(f"a stage is named {' or '.join(STAGE_NAMES)} (the pipeline's components), "
+                             f"got {settings.name!r}; attach it with name=")
+        UpsamplerStage(unet, scheduler, settings)  # checks the UNet takes the upsampler's conditions
+        self.register_modules(**{settings.name: unet, scheduler_component(settings.name): scheduler})
+        entries = [e for e in self.config.stages if e.get("name") != settings.name] + [settings.entry()]
+        entries.sort(key=lambda e: (e.get("kind") == UPSAMPLER, int(e.get("resolution", 0))))
+        self.register_to_config(stages=entries)
+
+    def sizes(self) -> list[int]:
+        """The output sizes this pipeline can stop at: the base's, then each stage's."""
+        return [int(self.unet.config.sample_size)] + [int(s.settings.resolution) for s in self.upsamplers]
+
+    def _stages_to(self, size: int | None) -> list[UpsamplerStage]:
+        stages, sizes = self.upsamplers, self.sizes()
+        if size is None:
+            return stages
+        if int(size) not in sizes:
+            raise ValueError(f"size {size} is not a stage of this pipeline; it stops at {', '.join(map(str, sizes))} "
+                             "(attach an upsampler for more)")
+        return stages[: sizes.index(int(size))]
 
     # --- the parts ----------------------------------------------------------------------------------------------
 
@@ -156,7 +209,9 @@ class ComposerPipeline(DiffusionPipeline):
         image: Any = None,
         height: int | None = None,
         width: int | None = None,
+        size: int | None = None,
         num_inference_steps: int | None = None,
+        upsampler_steps: int | None = None,
         guidance_scale: float | None = None,
         away_from: Iterable[str] = (),
         condition_weights: Mapping[str, float] | None = None,
@@ -175,12 +230,16 @@ class ComposerPipeline(DiffusionPipeline):
         conditions: a Conditions (or {name: representation}); images: {name: image} to decompose (PIL, array,
         tensor (B|1, 3, H, W) in [0, 1] or path); captions / prompt: a str or one per sample; mask (1 = region
         to generate) with ``image`` (the original, any size) for region edits: the result has the original's
-        size and every pixel outside the mask is the original's. generator: one, or one per output image (a
-        batch then equals its singles). Unset sampling arguments take the pipeline's saved defaults.
-        callback_on_step_end(pipe, i, t, {"latents": x}) may return {"latents": replacement}.
+        size and every pixel outside the mask is the original's. size: where the cascade stops (the base's
+        resolution or an upsampling stage's, see ``sizes()``; default: the last stage), each stage scaling
+        the previous output by its factor; upsampler_steps overrides every stage's saved step count.
+        generator: one, or one per output image (a batch then equals its singles). Unset sampling arguments
+        take the pipeline's saved defaults. callback_on_step_end(pipe, i, t, {"latents": x}) is called at
+        every step of every stage (``pipe.current_stage`` names it) and may return {"latents": replacement}.
         """
         # 1. Check inputs and fill the saved defaults
         settings = self._settings(num_inference_steps, guidance_scale, precision, output_type, height, width)
+        stages = self._stages_to(size)
         # 2. Encode the conditions (decompose images, encode captions)
         conditions = self._conditions(conditions, images, inputs.as_captions(captions, prompt))
         # 3. Prepare the region edit at the stage's size, and one sample per output image
@@ -196,13 +255,53 @@ class ComposerPipeline(DiffusionPipeline):
         noise = initial_noise((batch, self.unet.config.out_channels, *settings["size"]), generator, self.unet.device)
         hook = None if edit is None else self._edit_hook(edit, noise, num_images_per_prompt)
         # 5. Denoise with the shared sampling loop
-        denoiser = self.denoiser
+        denoiser, self.current_stage = self.denoiser, "base"
         guided = Guidance(denoiser, scale=settings["guidance_scale"], away_from=away_from, weights=condition_weights)
         x = sample(denoiser, scheduler, noise, conditions, num_inference_steps=settings["steps"], predict=guided,
                    generator=generator, edit=hook, on_step_end=self._callback(callback_on_step_end),
                    progress=self._progress(progress), autocast=lambda: autocast(settings["precision"], self.unet.device))
-        # 6. Post-process: exactly the original outside the mask, at its own size
+        # 6. Upsample through the cascade's stages (each keeps the edit's known region in its loop)
+        x = self._upsample(x, stages, edit, num_images_per_prompt, generator, callback_on_step_end, progress,
+                           settings["precision"], upsampler_steps)
+        # 7. Post-process: exactly the original outside the mask, at its own size
         return self._postprocess(x, edit, num_images_per_prompt, output_type, return_dict)
+
+    def _upsample(self, x: torch.Tensor, stages: list[UpsamplerStage], edit: _Edit | None, times: int, generator,
+                  callback, progress: bool, precision: str, steps: int | None) -> torch.Tensor:
+        """x (B, 3, h, w) in [-1, 1] through ``stages``; a region edit is kept at each stage's size."""
+        for stage in stages:
+            self.current_stage = stage.settings.name
+            size = (x.shape[-2] * stage.settings.scale, x.shape[-1] * stage.settings.scale)
+            known, mask = (None, None) if edit is None else _edit_at(edit, size, times)
+            x = stage.sample(((x.float() + 1) / 2).clamp(0, 1), generator=generator, steps=steps, known=known,
+                             mask=mask, on_step_end=self._callback(callback), progress=self._progress(progress),
+                             autocast=lambda: autocast(precision, stage.unet.device))
+        return x
+
+    @torch.no_grad()
+    def upsample(self, image: Any, *, size: int | None = None, generator: torch.Generator | list | None = None,
+                 steps: int | None = None, precision: str | None = None, output_type: str = "pil",
+                 progress: bool = True):
+        """Upsample any image (B|1, 3, h, w) through the stages above its size up to ``size`` (default: the
+        last). The first stage taking it is the first whose input side (resolution / scale) is at least the
+        image's longer side; the image is resized (antialiased bicubic, aspect kept) to that input size."""
+        # 1. The image, and the stages from its size to ``size``
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        image = inputs.as_image(image, "image").to(self.unet.device)
+        longest = max(image.shape[-2:])
+        stages = [s for s in self._stages_to(size) if s.settings.resolution // s.settings.scale >= longest]
+        if not stages:
+            raise ValueError(f"no stage of this pipeline upsamples a {longest} px image to {size or 'its last size'}; "
+                             f"its stages stop at {', '.join(map(str, self.sizes()))}")
+        # 2. Resize to the first stage's input size
+        side = stages[0].settings.resolution // stages[0].settings.scale
+        scale = side / longest
+        shape = (max(2, round(image.shape[-2] * scale / 2) * 2), max(2, round(image.shape[-1] * scale / 2) * 2))
+        x = resize_map(image, shape, "bicubic").clamp(0, 1) * 2 - 1
+        # 3. The stages, then the output
+        x = self._upsample(x, stages, None, 1, generator, None, progress, precision or self.sampling.precision, steps)
+        return self._postprocess(x, None, 1, output_type, True)
 
     def _settings(self, steps, guidance_scale, precision, output_type, height, width) -> dict[str, Any]:
         defaults = self.sampling
@@ -288,6 +387,13 @@ class ComposerPipeline(DiffusionPipeline):
             out = torch.where(mask > 0.5, out, image)  # exactly the original outside the mask
         result = _convert(out, output_type)
         return ComposerPipelineOutput(images=result) if return_dict else (result,)
+
+
+def _edit_at(edit: _Edit, size: tuple[int, int], times: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original (in [0, 1]) and the mask at a stage's output size, one per output image."""
+    known = resize_map(edit.image, size, "smooth").clamp(0, 1)
+    mask = resize_map(edit.mask, size, "lines")
+    return known.repeat_interleave(times, 0), mask.repeat_interleave(times, 0)
 
 
 def _convert(out: torch.Tensor, output_type: str):

@@ -7,6 +7,10 @@
     scheduler/              scheduler_config.json: the sampler, on the model's training noise schedule
     decomposers/            the DecomposerSet: config.yaml, copied weight files, trainable weights
                             (decomposers.folder)
+    upsampler_256/          optional upsampling stages (ComposerUNet, an sr preset), each with its own
+    upsampler_256_scheduler/  scheduler; their settings (resolution, scale, aug_level, steps) are their
+    upsampler_1024/ ...     ``stages`` entries. A stage trained alone is a *stage folder* (unet/,
+                            scheduler/, stage.json = its entry); ``attach_stage`` adds one to a pipeline.
 
 Folders are published atomically (written beside the old one, then swapped), so a reader never sees a
 half-written folder and a crash leaves the previous one. Folders of wave 1 (index entries
@@ -25,6 +29,7 @@ from typing import Any
 INDEX_NAME = "model_index.json"
 STAGING_MARK = ".tmp-"  # FINAL.tmp-PID-MS: a folder being written
 RETIRED_MARK = ".old"  # FINAL.old: the previous folder, between the two renames of a swap
+STAGE_NAME = "stage.json"  # a stage folder's settings (its entry of model_index.json's ``stages``)
 
 
 def base_stage(resolution: int) -> dict[str, Any]:
@@ -210,6 +215,79 @@ def fsync_tree(path: str | os.PathLike) -> None:
         fsync_dir(folder)
 
 
+# --- stage folders: an upsampling stage trained alone, before it joins a pipeline -----------------------------
+
+def is_stage_folder(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / STAGE_NAME).is_file()
+
+
+def read_stage(folder: str | os.PathLike) -> tuple[Any, Any, dict[str, Any]]:
+    """(ComposerUNet, scheduler, stage entry) of a stage folder (unet/, scheduler/, stage.json)."""
+    import diffusers
+
+    from composer.models.unet import ComposerUNet
+
+    folder = Path(folder)
+    if not is_stage_folder(folder):
+        raise FileNotFoundError(f"{folder} is not a stage folder (no {STAGE_NAME}); give the folder a run with "
+                                "train.stage=upsampler writes (output_dir/stage)")
+    try:
+        entry = json.loads((folder / STAGE_NAME).read_text())
+        scheduler_class = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    except (OSError, KeyError, json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{folder}: {STAGE_NAME} or scheduler/scheduler_config.json is missing or damaged; "
+                         "publish the stage again") from None
+    if not hasattr(diffusers, scheduler_class):
+        raise ValueError(f"{folder}/scheduler names {scheduler_class!r}, which is not a diffusers scheduler")
+    scheduler = getattr(diffusers, scheduler_class).from_pretrained(folder / "scheduler")
+    return ComposerUNet.from_pretrained(folder / "unet"), scheduler, entry
+
+
+def write_stage(final: str | os.PathLike, unet: Any, scheduler: Any, entry: dict[str, Any], *,
+                weights_dtype: Any = None) -> Path:
+    """Write a stage folder atomically: unet/ (ComposerUNet), scheduler/ and stage.json (its stages entry)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f"{final.name}{STAGING_MARK}{os.getpid()}-{int(time.time() * 1000)}")
+    try:
+        unet.save_pretrained(staging / "unet", dtype=weights_dtype)
+        scheduler.save_pretrained(staging / "scheduler")
+        (staging / STAGE_NAME).write_text(json.dumps(entry, indent=2, sort_keys=True) + "\n")
+        swap_in(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def stored_dtype(unet_folder: str | os.PathLike) -> Any:
+    """torch.float16 / bfloat16 when a UNet folder stores its weights so, else None (float32)."""
+    import torch
+    from safetensors import safe_open
+
+    from composer.models.unet import WEIGHTS_NAME
+
+    path = Path(unet_folder) / WEIGHTS_NAME
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        dtypes = {handle.get_slice(key).get_dtype() for key in handle.keys()}
+    return {"F16": torch.float16, "BF16": torch.bfloat16}.get(next(iter(dtypes - {"I64", "BOOL"}), ""), None)
+
+
+def attach_stage(pipeline: str | os.PathLike, stage: str | os.PathLike, *, name: str | None = None,
+                 trust_pickle: bool = False) -> Path:
+    """Add (or replace) the upsampling stage of folder ``stage`` in pipeline folder ``pipeline``, atomically;
+    the weights keep the pipeline's stored dtype. ``name``: the component it becomes (default: its own)."""
+    from composer.pipelines.composer_pipeline import ComposerPipeline
+
+    pipeline = Path(pipeline)
+    unet, scheduler, entry = read_stage(stage)
+    pipe = ComposerPipeline.from_pretrained(pipeline, trust_pickle=trust_pickle)
+    pipe.add_stage(unet, scheduler, {**entry, **({"name": name} if name else {})})
+    return publish(pipe, pipeline, weights_dtype=stored_dtype(pipeline / "unet"))
+
+
 def upgrade(folder: str | os.PathLike, *, weights_dtype: Any = None) -> Path:
     """Convert a wave-1 pipeline folder in place (atomically) to today's layout."""
     from composer.pipelines.composer_pipeline import ComposerPipeline
@@ -219,11 +297,18 @@ def upgrade(folder: str | os.PathLike, *, weights_dtype: Any = None) -> Path:
     return publish(pipe, folder, weights_dtype=weights_dtype)
 
 
-if __name__ == "__main__":  # python -m composer.pipelines.layout upgrade FOLDER [--fp16]
+USAGE = ("usage: python -m composer.pipelines.layout upgrade FOLDER [--fp16]\n"
+         "       python -m composer.pipelines.layout attach PIPELINE STAGE_FOLDER [--name upsampler_256|upsampler_1024]")
+
+if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) < 3 or sys.argv[1] != "upgrade":
-        sys.exit("usage: python -m composer.pipelines.layout upgrade FOLDER [--fp16]")
-    import torch
+    args = sys.argv[1:]
+    if len(args) >= 2 and args[0] == "upgrade":
+        import torch
 
-    print(upgrade(sys.argv[2], weights_dtype=torch.float16 if "--fp16" in sys.argv else None))
+        print(upgrade(args[1], weights_dtype=torch.float16 if "--fp16" in args else None))
+    elif len(args) in (3, 5) and args[0] == "attach" and (len(args) == 3 or args[3] == "--name"):
+        print(attach_stage(args[1], args[2], name=args[4] if len(args) == 5 else None))
+    else:
+        sys.exit(USAGE)
