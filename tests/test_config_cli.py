@@ -43,3 +43,12 @@ def test_version_help_and_module_entry_point(capsys):
     assert exit_info.value.code == 0 and "composer-diffusion" in capsys.readouterr().out
     out = subprocess.run([sys.executable, "-m", "composer", "--help"], capture_output=True, text=True, check=True)
     assert "scenes" in out.stdout and "shards" in out.stdout
+
+
+def test_train_refuses_zero_images_before_touching_the_output_dir(tmp_path, capsys):
+    from composer.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--set", "train.total_images=0", "--set", f"output_dir={out}"]) == 2
+    assert "train.total_images must be at least 1" in capsys.readouterr().err
+    assert not out.exists()

@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from composer.train.rundir import RunError
 
     cfg = config_from_args(args)
+    if int(cfg.train.total_images) < 1:
+        raise ValueError(f"train.total_images must be at least 1 (the images the run trains to), got {cfg.train.total_images}")
     if args.resume is not None:
         cfg.train.resume = args.resume
     if args.output_dir is not None:
