@@ -12,6 +12,9 @@ class DataConfig:
     shards: list[str] = field(default_factory=lambda: ["data/scenes/scenes-*.tar"])  # paths, globs, brace patterns or URLs
     resolution: int = 64  # output images are resolution x resolution
     crop: str = "center"  # "center" or "random"
+    # a square crop of this side taken after resizing to ``resolution`` (same ``crop`` mode): an upsampler
+    # trains on e.g. 64 px crops of 256 px scenes; None keeps the whole resolution x resolution image
+    crop_size: int | None = None
     batch_size: int = 8
     num_workers: int = 0
     shuffle_shards: bool = True  # shuffle the shard list each epoch

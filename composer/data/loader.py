@@ -260,6 +260,8 @@ class ShardStream(IterableDataset):
             maps[name] = self._decode_extra(sample, name)
         rng = np.random.default_rng([self.seed, self.rank, worker, drawn])
         image, maps = _resize_crop(image, maps, cfg.resolution, cfg.crop, rng)
+        if cfg.crop_size:
+            image, maps = _sub_crop(image, maps, int(cfg.crop_size), cfg.crop, rng)
         caption = sample.get("txt", b"")
         meta: dict[str, Any] = {}
         if "json" in sample:
@@ -322,6 +324,19 @@ def _resize_crop(
         else:
             out[name] = geometry(value, not value.is_floating_point())
     return image, out
+
+
+def _sub_crop(image: torch.Tensor, maps: dict[str, torch.Tensor], size: int, crop: str,
+              rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A size x size crop of a (C, R, R) image (random or centred); spatial maps get the same window."""
+    height, width = image.shape[-2:]
+    if crop == "random":
+        top, left = int(rng.integers(height - size + 1)), int(rng.integers(width - size + 1))
+    else:
+        top, left = (height - size) // 2, (width - size) // 2
+    window = (slice(top, top + size), slice(left, left + size))
+    out = {name: value if value.ndim == 1 else value[..., window[0], window[1]].contiguous() for name, value in maps.items()}
+    return image[..., window[0], window[1]].contiguous(), out
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -442,6 +457,8 @@ def make_loader(
         )
     if cfg.resolution < 8:
         raise ValueError(f"data.resolution must be at least 8, got {cfg.resolution}")
+    if cfg.crop_size is not None and not 8 <= int(cfg.crop_size) <= cfg.resolution:
+        raise ValueError(f"data.crop_size must lie between 8 and data.resolution ({cfg.resolution}), got {cfg.crop_size}")
     positions: dict[int, int] = {}
     if state:
         if int(state.get("num_workers", cfg.num_workers)) != cfg.num_workers or int(

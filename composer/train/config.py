@@ -5,9 +5,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from upsamplers.config import UpsamplerConfig
+
+STAGES = ("base", "upsampler")
+
 
 @dataclass
 class TrainConfig:
+    # What the run trains: "base" (the 64 px model on decomposed conditions) or "upsampler" (a cascade stage
+    # on crops, its low-res input made from each crop; see the ``upsampler`` section and upsamplers/config.py).
+    # An upsampler run publishes a stage folder (output_dir/stage) that layout.attach_stage adds to a pipeline.
+    stage: str = "base"
+    upsampler: UpsamplerConfig = field(default_factory=UpsamplerConfig)
     lr: float = 2e-4  # peak AdamW learning rate
     weight_decay: float = 0.01
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

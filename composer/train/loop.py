@@ -26,6 +26,7 @@ from composer.config import save_config
 from composer.data.loader import make_loader
 from composer.diffusion.denoiser import PREDICTION_TYPES, Denoiser, NoiseSchedule
 from composer.diffusion.dropout import DropoutPolicy
+from composer.diffusion.schedulers import make_scheduler
 from composer.models.config import build_model
 from composer.pipelines import layout
 from composer.train.accelerator import make_accelerator
@@ -44,8 +45,12 @@ from composer.train.state import (
     write_json_atomic,
 )
 from composer.train.step import TrainingStep
+from composer.train.config import STAGES
 from composer.train.warmstart import load_initial_weights
 from decomposers.set import DecomposerSet
+from upsamplers.presets import build_upsampler
+from upsamplers.stage import StageSettings
+from upsamplers.training import UpsamplerConditioner
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -92,10 +97,11 @@ class Trainer:
 
     def build(self) -> str | None:
         cfg, tcfg, accelerator = self.cfg, self.tcfg, self.accelerator
+        self.upsampler = stage_kind(cfg) == "upsampler"
         self.decomposers = DecomposerSet.from_config(cfg.decomposers).to(accelerator.device)
         trainable = {n: d for n, d in self.decomposers.decomposers.items() if getattr(d, "trainable", False)}
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        module = TrainingModule(build_model(cfg.model, self.decomposers.specs()), trainable)
+        module = TrainingModule(build_stage_model(cfg, self.decomposers.specs()), trainable)
         module.train()
         init_report = load_initial_weights(module, tcfg.init_from) if tcfg.init_from and not tcfg.resume else None
         optimizer = torch.optim.AdamW(module.parameters(), lr=tcfg.lr, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps,
@@ -112,14 +118,15 @@ class Trainer:
                                  lr_scheduler=self.lr_scheduler, decomposers=self.decomposers,
                                  denoiser=make_denoiser(tcfg, self.noise_scheduler), dropout=DropoutPolicy(cfg.dropout),
                                  timestep_bounds=timestep_bounds(tcfg.timestep_range, tcfg.num_train_timesteps),
-                                 seed=cfg.seed, grad_clip=tcfg.grad_clip)
+                                 seed=cfg.seed, grad_clip=tcfg.grad_clip,
+                                 conditioner=UpsamplerConditioner(tcfg.upsampler) if self.upsampler else None)
         return init_report
 
     def resume(self) -> Path | None:
         accelerator, store = self.accelerator, self.run_dir.store  # output_dir is locked and checked (open_run)
         if self.main:
             store.remove_leftovers()
-            layout.recover(self.out / "pipeline")
+            layout.recover(self.out / self.published_name)
         accelerator.wait_for_everyone()
         resume, loaded, self.data_state = self.run_dir.load(  # falls back to the next verified checkpoint
             lambda path: load_checkpoint(accelerator, path, self.ema, self.state),
@@ -142,7 +149,7 @@ class Trainer:
             self.monitor.write(f"resumed from {resume} at {self.state.images_seen} images (step {self.state.step})")
         elif init_report is not None:
             self.monitor.write(init_report)
-        self.held_out = held_out_batch(cfg, accelerator.device) if self.main else None
+        self.held_out = held_out_batch(cfg, accelerator.device) if self.main and not self.upsampler else None
         self.loss_log = self.out / "losses.csv"
         if self.main:
             trim_loss_log(self.loss_log, self.state.images_seen)
@@ -206,9 +213,18 @@ class Trainer:
         save_checkpoint(self.accelerator, self.run_dir.store, self.state, self.ema, self.loader.state_dict(),
                         model=unwrapped)
         if self.main:
-            with stop_on_failed_write("the EMA pipeline folder", self.out / "pipeline", self.run_dir.store):
-                publish_ema_pipeline(unwrapped, self.ema, self.decomposers, self.cfg, self.noise_scheduler.config,
-                                     self.out / "pipeline")
+            final = self.out / self.published_name
+            with stop_on_failed_write(f"the EMA {self.published_name} folder", final, self.run_dir.store):
+                if self.upsampler:
+                    publish_ema_stage(unwrapped, self.ema, self.cfg, self.noise_scheduler.config, final)
+                else:
+                    publish_ema_pipeline(unwrapped, self.ema, self.decomposers, self.cfg, self.noise_scheduler.config,
+                                         final)
+
+    @property
+    def published_name(self) -> str:
+        """The EMA folder beside the checkpoints: ``pipeline`` (base) or ``stage`` (an upsampler)."""
+        return "stage" if self.upsampler else "pipeline"
 
     def finish(self, resume: Path | None) -> dict[str, Any]:
         accelerator, state, world = self.accelerator, self.state, self.accelerator.num_processes
@@ -231,7 +247,44 @@ class Trainer:
         if self.main:
             write_json_atomic(self.out / "run_summary.json", summary)
         accelerator.end_training()
-        return {**summary, "parameter_digest": digest, "pipeline": str(self.out / "pipeline"), "losses": self.losses}
+        return {**summary, "parameter_digest": digest, "pipeline": str(self.out / self.published_name),
+                "losses": self.losses}
+
+
+def stage_kind(cfg: DictConfig) -> str:
+    """train.stage, checked: "base", or "upsampler" (which takes no decomposers: its condition is the low-res crop)."""
+    kind = str(cfg.train.stage)
+    if kind not in STAGES:
+        raise ValueError(f"train.stage must be one of {', '.join(STAGES)}, got {kind!r}")
+    if kind == "upsampler" and list(cfg.decomposers.enabled):
+        raise ValueError("train.stage=upsampler takes no decomposers (its condition is the low-res image made from "
+                         "each crop); set decomposers.enabled=[]")
+    return kind
+
+
+def build_stage_model(cfg: DictConfig, specs) -> torch.nn.Module:
+    """The network of the configured stage: the base model on the decomposers' specs, or an upsampler (an sr
+    preset with the low-res conditions, sample_size = the training crop)."""
+    if stage_kind(cfg) == "base" or cfg.model.pretrained:
+        return build_model(cfg.model, specs)
+    crop = int(cfg.data.crop_size or cfg.data.resolution)
+    return build_upsampler(cfg.model.preset, crop, int(cfg.train.upsampler.level_dim), dict(cfg.model.overrides or {}))
+
+
+def publish_ema_stage(module, ema: EMA, cfg: DictConfig, training_config, final: Path) -> Path:
+    """Write the EMA upsampler as a stage folder (unet/, scheduler/, stage.json), atomically."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    averaged = copy.deepcopy(module).cpu()
+    ema.copy_to(averaged)
+    up, sample = cfg.train.upsampler, OmegaConf.to_container(cfg.sample, resolve=True)
+    settings = StageSettings(name=up.name, resolution=int(up.resolution), scale=int(up.scale),
+                             aug_level=float(up.aug_level), steps=int(sample["steps"]),
+                             guidance_scale=float(sample["guidance_scale"]), prediction_type=cfg.train.prediction_type)
+    scheduler = make_scheduler(sample["scheduler"], training_config)
+    return layout.write_stage(final, averaged.unet.eval(), scheduler, settings.entry())
 
 
 def parameter_digest(module: torch.nn.Module) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,12 +39,16 @@ class MicroBatch:
 
 class TrainingStep:
     """The step of a run. ``module`` is the accelerate-prepared TrainingModule (UNet + trainable decomposers);
-    ``decomposers`` the run's DecomposerSet; ``denoiser`` owns the noise schedule and the loss."""
+    ``decomposers`` the run's DecomposerSet; ``denoiser`` owns the noise schedule and the loss.
+    ``conditioner`` (an upsampling stage's, upsamplers.training): conditions made from the images themselves,
+    replacing the decomposers and the dropout."""
 
     def __init__(self, *, accelerator, module, optimizer, lr_scheduler, decomposers, denoiser: Denoiser,
-                 dropout: DropoutPolicy, timestep_bounds: tuple[int, int], seed: int, grad_clip: float):
+                 dropout: DropoutPolicy, timestep_bounds: tuple[int, int], seed: int, grad_clip: float,
+                 conditioner: Callable[[torch.Tensor, torch.Generator, Denoiser], Conditions] | None = None):
         self.accelerator, self.module, self.optimizer, self.lr_scheduler = accelerator, module, optimizer, lr_scheduler
         self.decomposers, self.denoiser, self.dropout = decomposers, denoiser, dropout
+        self.conditioner = conditioner
         self.t_low, self.t_high = timestep_bounds
         self.seed, self.grad_clip = seed, grad_clip
         self.trainable = [n for n, d in decomposers.decomposers.items() if getattr(d, "trainable", False)]
@@ -56,15 +60,22 @@ class TrainingStep:
         images = batch["image"].to(device)
         generator = step_generator(self.seed, self.accelerator.process_index, images_seen)
         extras = batch_extras(batch, device)
-        with torch.no_grad():
-            conditions = self.decomposers.decompose(images, captions=batch["caption"], extras=extras, training=True,
-                                                    generator=generator, names=self.frozen)
-        keep = self.dropout.sample(self.decomposers.names, images.shape[0], generator)
+        conditions, keep = self._conditions(images, batch, extras, generator)
         noise = torch.randn(images.shape, generator=generator).to(device)
         timesteps = torch.randint(self.t_low, self.t_high, (images.shape[0],), generator=generator).to(device)
         x0 = images * 2 - 1
         return {"images": images, "x0": x0, "extras": extras, "generator": generator, "conditions": conditions,
                 "keep": keep, "noise": noise, "timesteps": timesteps, "noisy": self.denoiser.add_noise(x0, noise, timesteps)}
+
+    def _conditions(self, images: torch.Tensor, batch: Mapping[str, Any], extras: dict[str, torch.Tensor],
+                    generator: torch.Generator) -> tuple[Conditions, dict[str, torch.Tensor]]:
+        """(frozen conditions, dropout keep masks): decomposed and dropped, or the conditioner's (never dropped)."""
+        with torch.no_grad():
+            if self.conditioner is not None:
+                return self.conditioner(images, generator, self.denoiser), {}
+            conditions = self.decomposers.decompose(images, captions=batch["caption"], extras=extras, training=True,
+                                                    generator=generator, names=self.frozen)
+        return conditions, self.dropout.sample(self.decomposers.names, images.shape[0], generator)
 
     def micro_batch(self, batch: Mapping[str, Any], images_seen: int) -> MicroBatch:
         """Forward, loss and backward of one micro-batch (gradients accumulate until ``update``)."""
