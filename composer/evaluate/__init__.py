@@ -1,0 +1,1 @@
+"""Faithfulness evaluation of a pipeline: metrics, the evaluation run and its report."""
