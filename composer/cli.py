@@ -30,6 +30,7 @@ COMMANDS = (
     "segment",
     "concepts",
     "evaluate_slots",
+    "evaluate",
 )
 
 
