@@ -26,6 +26,7 @@ COMMANDS = (
     "decompose",
     "precompute",
     "generate",
+    "upsample",
     "train",
     "segment",
     "concepts",

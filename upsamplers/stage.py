@@ -23,6 +23,7 @@ import torch
 from composer.diffusion.denoiser import Denoiser, NoiseSchedule
 from composer.diffusion.guidance import Guidance
 from composer.diffusion.sampling import RegionEdit, initial_noise, sample
+from composer.models.adapters import resize_map
 from upsamplers.conditions import ALWAYS, LOWRES, LOWRES_LEVEL, augmented_lowres, level_timesteps
 
 KIND = "upsampler"
@@ -77,6 +78,20 @@ class UpsamplerStage:
     def level_dim(self) -> int:
         return int(self.unet.specs[LOWRES_LEVEL].dim)
 
+    @property
+    def input_multiple(self) -> int:
+        """The input's sides must be multiples of this (the output's must divide by the UNet's downsampling)."""
+        factor = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        return max(1, -(-factor // int(self.settings.scale)))
+
+    def fit(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, h, w) in [0, 1] resized (antialiased bicubic, aspect kept) so that its longer side is this
+        stage's input side (resolution / scale), each side a multiple of ``input_multiple``."""
+        side, multiple = self.settings.resolution // self.settings.scale, self.input_multiple
+        scale = side / max(image.shape[-2:])
+        shape = tuple(max(multiple, round(n * scale / multiple) * multiple) for n in image.shape[-2:])
+        return resize_map(image.float(), shape, "bicubic").clamp(0, 1)
+
     def conditions(self, lowres: torch.Tensor, size: tuple[int, int], noise: torch.Tensor,
                    aug_level: float | None = None):
         """``lowres`` (B, 3, h, w) in [0, 1] augmented at the stage's level (or ``aug_level``) with ``noise``."""
@@ -99,6 +114,9 @@ class UpsamplerStage:
         # 1. The output size and the augmented low-resolution input
         device = self.unet.device
         lowres = lowres.to(device).float()
+        if lowres.shape[-2] % self.input_multiple or lowres.shape[-1] % self.input_multiple:
+            raise ValueError(f"stage {self.settings.name!r} takes images whose sides are multiples of "
+                             f"{self.input_multiple}, got {tuple(lowres.shape[-2:])}; resize it with stage.fit")
         size = (lowres.shape[-2] * self.settings.scale, lowres.shape[-1] * self.settings.scale)
         shape = (lowres.shape[0], self.unet.config.out_channels, *size)
         conditions = self.conditions(lowres, size, initial_noise(shape, generator, device), aug_level)

@@ -32,6 +32,11 @@ def _add_condition_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--away-from", default="", help="comma-separated conditions to guide away from (c1)")
     parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's, 25)")
     parser.add_argument("--scheduler", choices=SAMPLER_NAMES, default=None, help="sampler (default: the model's)")
+    parser.add_argument("--size", type=positive_int, default=None,
+                        help="where the cascade stops: 64 (the base), or an upsampling stage's size such as 256 or "
+                        "1024 (default: the folder's last stage; 64 for a folder without upsamplers)")
+    parser.add_argument("--upsampler-steps", type=positive_int, default=None,
+                        help="sampling steps of every upsampling stage (default: each stage's saved count)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=1)
     add_runtime_arguments(parser)
@@ -134,7 +139,7 @@ def _run(args, image=None, mask=None, masking_image=None) -> int:
     result = pipe(conditions, images=images or None, captions=captions, image=image, mask=mask,
                   num_inference_steps=args.steps, guidance_scale=args.guidance, away_from=away, generator=generators,
                   num_images_per_prompt=args.num_images, output_type="pt", precision=args.precision,
-                  sampler=args.scheduler).images
+                  sampler=args.scheduler, size=args.size, upsampler_steps=args.upsampler_steps).images
     out = Path(args.out)
     paths = []
     if args.num_images == 1:

@@ -295,10 +295,7 @@ class ComposerPipeline(DiffusionPipeline):
             raise ValueError(f"no stage of this pipeline upsamples a {longest} px image to {size or 'its last size'}; "
                              f"its stages stop at {', '.join(map(str, self.sizes()))}")
         # 2. Resize to the first stage's input size
-        side = stages[0].settings.resolution // stages[0].settings.scale
-        scale = side / longest
-        shape = (max(2, round(image.shape[-2] * scale / 2) * 2), max(2, round(image.shape[-1] * scale / 2) * 2))
-        x = resize_map(image, shape, "bicubic").clamp(0, 1) * 2 - 1
+        x = stages[0].fit(image) * 2 - 1
         # 3. The stages, then the output
         x = self._upsample(x, stages, None, 1, generator, None, progress, precision or self.sampling.precision, steps)
         return self._postprocess(x, None, 1, output_type, True)

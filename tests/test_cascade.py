@@ -1,0 +1,226 @@
+"""The cascade on tiny random stages: 64 -> 256 -> 1024, edits exact at every size, training a stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from composer.cli import main
+from composer.conditions import Conditions
+from composer.config import load_config
+from composer.diffusion.schedulers import make_scheduler
+from composer.models.config import model_kwargs
+from composer.models.unet import ComposerUNet
+from composer.pipelines import ComposerPipeline, layout
+from decomposers.set import DecomposerSet
+from upsamplers.conditions import LOWRES, LOWRES_LEVEL, level_embedding, upsampler_specs
+from upsamplers.degrade import DegradeConfig, make_lowres
+from upsamplers.presets import build_upsampler
+from upsamplers.stage import StageSettings, UpsamplerStage
+
+BASE = dict(block_out_channels=(16, 32), attention_heads=(1, 2), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), context_dim=16, local_embed_channels=4, sample_size=64)
+# Enough levels that the middle block's self-attention stays small (1/8 and 1/16 of the output side).
+SR = dict(block_out_channels=(8, 16, 16, 32), attention_heads=(1,) * 4, down_block_types=("DownBlock2D",) * 4,
+          up_block_types=("UpBlock2D",) * 4)
+SR_1024 = dict(block_out_channels=(4, 8, 8, 16, 16), attention_heads=(1,) * 5, down_block_types=("DownBlock2D",) * 5,
+               up_block_types=("UpBlock2D",) * 5)
+SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}
+FAST = dict(num_inference_steps=2, output_type="pt", progress=False, precision="fp32")
+
+
+def generators(n: int, start: int = 0) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(start + i) for i in range(n)]
+
+
+def tiny_stage(name: str, resolution: int, steps: int = 2) -> tuple[ComposerUNet, object, StageSettings]:
+    unet = build_upsampler("sr256-tiny", 32, overrides=SR_1024 if resolution > 256 else SR).eval()
+    return unet, make_scheduler("ddpm", SCHEDULE), StageSettings(name, resolution, steps=steps)
+
+
+@pytest.fixture(scope="module")
+def base_pipe():
+    torch.manual_seed(0)
+    decomposers = DecomposerSet(["palette", "intensity", "masking"])
+    unet = ComposerUNet(**model_kwargs("tiny", BASE, decomposers.specs())).eval()
+    return ComposerPipeline(unet, make_scheduler("ddpm", SCHEDULE), decomposers, sampling={"steps": 2})
+
+
+@pytest.fixture(scope="module")
+def pipe(base_pipe):
+    torch.manual_seed(1)
+    cascade = ComposerPipeline(base_pipe.unet, base_pipe.scheduler, base_pipe.decomposers,
+                               sampling=dict(base_pipe.config.sampling))
+    cascade.add_stage(*tiny_stage("upsampler_256", 256))
+    cascade.add_stage(*tiny_stage("upsampler_1024", 1024))
+    return cascade
+
+
+def test_an_upsampler_returns_four_times_its_input():
+    stage = UpsamplerStage(*tiny_stage("upsampler_256", 256))
+    image = torch.rand(2, 3, 8, 12)
+    out = stage.upsample(image, generator=generators(2))
+    assert out.shape == (2, 3, 32, 48) and out.min() >= 0 and out.max() <= 1
+    assert stage.unet.specs[LOWRES].routes == ("concat",) and stage.unet.specs[LOWRES_LEVEL].routes == ("timestep",)
+
+
+def test_the_pipeline_stops_where_asked_and_defaults_to_its_last_stage(pipe, base_pipe):
+    assert pipe.sizes() == [64, 256, 1024] and base_pipe.sizes() == [64]
+    assert pipe(generator=generators(1), size=256, **FAST).images.shape == (1, 3, 256, 256)
+    assert base_pipe(generator=generators(1), **FAST).images.shape == (1, 3, 64, 64)  # no upsamplers: 64 as before
+    with pytest.raises(ValueError, match="size 512 is not a stage of this pipeline; it stops at 64, 256, 1024"):
+        pipe(size=512, **FAST)
+
+
+def test_cascade_save_then_load_gives_identical_outputs(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "cascade")
+    index = json.loads((tmp_path / "cascade" / "model_index.json").read_text())
+    assert [s["name"] for s in index["stages"]] == ["base", "upsampler_256", "upsampler_1024"]
+    loaded = ComposerPipeline.from_pretrained(tmp_path / "cascade")
+    a = pipe(generator=generators(1, 5), upsampler_steps=1, **FAST).images
+    assert a.shape == (1, 3, 1024, 1024)
+    torch.testing.assert_close(loaded(generator=generators(1, 5), upsampler_steps=1, **FAST).images, a, rtol=0, atol=0)
+
+
+def test_a_stage_folder_attached_to_a_base_pipeline_is_the_same_stage(base_pipe, tmp_path):
+    base_pipe.save_pretrained(tmp_path / "pipeline")
+    unet, scheduler, settings = tiny_stage("upsampler_256", 256)
+    layout.write_stage(tmp_path / "stage", unet, scheduler, settings.entry())
+    layout.attach_stage(tmp_path / "pipeline", tmp_path / "stage")
+    attached = ComposerPipeline.from_pretrained(tmp_path / "pipeline")
+    assert attached.sizes() == [64, 256] and not list(tmp_path.glob("pipeline.tmp-*"))
+    expected = UpsamplerStage(unet, scheduler, settings).upsample(torch.full((1, 3, 64, 64), 0.5),
+                                                                  generator=generators(1))
+    got = attached.upsample(torch.full((1, 3, 64, 64), 0.5), generator=generators(1), output_type="pt",
+                            progress=False, precision="fp32").images
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_a_batch_equals_its_singles(pipe):
+    batch = pipe(generator=generators(2), num_images_per_prompt=2, size=256, **FAST).images
+    singles = [pipe(generator=generators(1, i), size=256, **FAST).images for i in range(2)]
+    torch.testing.assert_close(batch, torch.cat(singles), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [256, 1024])
+def test_an_edit_leaves_every_outside_pixel_unchanged(pipe, size):
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., size // 4 : size // 2, size // 3 : 3 * size // 4] = 1
+    out = pipe(image=image, mask=mask, generator=generators(1), size=size, upsampler_steps=1, **FAST).images
+    assert out.shape == image.shape
+    outside = (mask == 0).expand_as(image)
+    assert torch.equal(out[outside], image[outside])
+    assert not torch.allclose(out[~outside], image[~outside], atol=0.05)
+
+
+def test_the_in_loop_hook_keeps_the_known_region_of_each_stage(pipe):
+    """At every intermediate step of each upsampling stage, x_t outside the mask is the original (at the stage's
+    size) noised to the next level with one fixed noise: eps = (x_t - sqrt(a) known) / sqrt(1 - a) agrees."""
+    image = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(4))
+    mask = torch.zeros(1, 1, 256, 256)
+    mask[..., 64:160, 96:192] = 1
+    states: dict[str, list[torch.Tensor]] = {}
+
+    def record(p, i, t, kwargs):
+        states.setdefault(p.current_stage, []).append(kwargs["latents"].clone())
+
+    pipe(image=image, mask=mask, generator=generators(1), size=256, upsampler_steps=4, callback_on_step_end=record,
+         **FAST)
+    stage = pipe.upsamplers[0]
+    stage.scheduler.set_timesteps(4)
+    alphas = stage.scheduler.alphas_cumprod[stage.scheduler.timesteps[1:]].double()
+    known, outside = image.double() * 2 - 1, (mask == 0).expand(1, 3, 256, 256)
+    noises = [(x.double() - a.sqrt() * known) / (1 - a).sqrt() for x, a in zip(states["upsampler_256"][:3], alphas)]
+    for noise in noises[1:]:
+        torch.testing.assert_close(noise[outside], noises[0][outside], atol=1e-3, rtol=0)
+    assert abs(float(noises[0][outside].std()) - 1) < 0.1  # that fixed noise is standard normal noise
+
+
+def test_the_augmentation_level_reaches_the_model():
+    stage = UpsamplerStage(*tiny_stage("upsampler_256", 256))
+    lowres = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    a = stage.upsample(lowres, generator=generators(1), aug_level=0.1)
+    b = stage.upsample(lowres, generator=generators(1), aug_level=0.3)
+    assert (a - b).abs().max() > 1e-3
+    # the embedding alone (same noised image, another level) changes the prediction: it enters the model
+    x = torch.randn(1, 3, 32, 32)
+    noised = torch.rand(1, 3, 32, 32) * 2 - 1
+    levels = [Conditions({LOWRES: noised, LOWRES_LEVEL: level_embedding(torch.tensor([t]))}) for t in (100.0, 300.0)]
+    with torch.no_grad():
+        first, second = (stage.unet(x, torch.tensor([500]), c) for c in levels)
+    assert (first - second).abs().max() > 1e-4
+
+
+def test_the_low_res_input_is_an_antialiased_downsampling_with_reproducible_degradations():
+    smooth = torch.nn.functional.interpolate(torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(6)),
+                                             size=(32, 32), mode="bilinear", align_corners=False)
+    crops = (smooth + 0.2 * torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))).clamp(0, 1)
+    plain = make_lowres(crops, 4, None, torch.Generator().manual_seed(0))
+    assert plain.shape == (2, 3, 8, 8)  # the noise averages out: antialiased, not a point sampling
+    torch.testing.assert_close(plain, crops.reshape(2, 3, 8, 4, 8, 4).mean((3, 5)), atol=0.05, rtol=0)
+    everything = DegradeConfig(blur_p=1.0, noise_p=1.0, jpeg_p=1.0)
+    degraded = make_lowres(crops, 4, everything, torch.Generator().manual_seed(0))
+    assert (degraded - plain).abs().mean() > 0.01
+    torch.testing.assert_close(degraded, make_lowres(crops, 4, everything, torch.Generator().manual_seed(0)))
+    assert set(upsampler_specs()) == {LOWRES, LOWRES_LEVEL}
+
+
+@pytest.fixture(scope="module")
+def shards_256(tmp_path_factory):
+    from composer.data.shards import write_scene_shards
+
+    root = tmp_path_factory.mktemp("scenes-256")
+    write_scene_shards(root, 8, 256, seed=5, shard_size=4, progress=False)
+    return str(root / "scenes-*.tar")
+
+
+def sr_config(shards: str, out: Path, total: int, **extra):
+    cfg = load_config(["configs/train/sr256-tiny.yaml"], [f"output_dir={out}", f"data.shards=[{shards}]"])
+    cfg.data.update(batch_size=2, num_workers=0, shuffle_buffer=4, crop_size=32)
+    cfg.model.overrides = {k: list(v) for k, v in SR.items()}
+    cfg.train.update(total_images=total, warmup_images=2, checkpoint_every_images=4, progress=False,
+                     tensorboard=False, mixed_precision="no", log_every_steps=1, **extra)
+    cfg.sample.steps = 2
+    return cfg
+
+
+def test_training_the_sr_preset_on_256_px_shards_publishes_a_stage_and_resumes_exactly(shards_256, tmp_path):
+    from composer.train.loop import train
+
+    whole = train(sr_config(shards_256, tmp_path / "whole", 8))
+    first = train(sr_config(shards_256, tmp_path / "run", 4))
+    resumed = train(sr_config(shards_256, tmp_path / "run", 8, resume="auto"))
+    assert first["step"] == 2 and resumed["step"] == 4 and resumed["resumed_from"]
+    assert resumed["parameter_digest"] == whole["parameter_digest"]
+    unet, scheduler, entry = layout.read_stage(tmp_path / "run" / "stage")
+    assert entry["name"] == "upsampler_256" and entry["resolution"] == 256 and entry["aug_level"] == 0.1
+    stage = UpsamplerStage(unet, scheduler, StageSettings.from_entry(entry))
+    assert stage.upsample(torch.rand(1, 3, 16, 16), generator=generators(1)).shape == (1, 3, 64, 64)
+
+
+def test_an_upsampler_run_with_decomposers_is_one_line(tmp_path, shards_256):
+    from composer.train.loop import train
+
+    cfg = sr_config(shards_256, tmp_path / "bad", 4)
+    cfg.decomposers.enabled = ["palette"]
+    with pytest.raises(ValueError, match="set decomposers.enabled=\\[\\]"):
+        train(cfg)
+
+
+def test_generate_and_upsample_commands_stop_at_the_asked_size(pipe, tmp_path):
+    from PIL import Image
+
+    pipe.save_pretrained(tmp_path / "cascade")
+    out = tmp_path / "gen.png"
+    assert main(["generate", "--model", str(tmp_path / "cascade"), "--steps", "1", "--upsampler-steps", "1",
+                 "--size", "256", "--precision", "fp32", "--out", str(out)]) == 0
+    assert Image.open(out).size == (256, 256)
+    big = tmp_path / "big.png"
+    assert main(["upsample", str(out), "--model", str(tmp_path / "cascade"), "--size", "1024", "--steps", "1",
+                 "--precision", "fp32", "--out", str(big)]) == 0
+    assert Image.open(big).size == (1024, 1024)
+    assert main(["generate", "--model", str(tmp_path / "cascade"), "--size", "300", "--out", str(out)]) == 2
