@@ -6,8 +6,12 @@
                guidance_scale=3.0, num_inference_steps=25, generator=torch.Generator().manual_seed(0))
     out.images[0].save("composed.png")
 
-Components: ``unet`` (ComposerUNet), ``scheduler`` (the sampler, on the model's training schedule) and
-``decomposers`` (DecomposerSet, optional). The folder layout is composer.pipelines.layout's. After
+Components: ``unet`` (ComposerUNet), ``scheduler`` (the sampler, on the model's training schedule),
+``decomposers`` (DecomposerSet, optional) and the optional upsampling stages ``upsampler_256`` and
+``upsampler_1024`` (ComposerUNets of an sr preset, each with its ``NAME_scheduler``; their settings are
+their entries of the config's ``stages``, see upsamplers.stage). ``pipe(..., size=256)`` stops the
+cascade there; ``pipe.upsample(image, size=1024)`` runs the stages on any image; ``pipe.add_stage``
+(or layout.attach_stage on a folder) adds a trained stage. The folder layout is composer.pipelines.layout's. After
 ``import composer.pipelines``, diffusers' own ``DiffusionPipeline.from_pretrained(folder)`` returns a
 ComposerPipeline too (the class is registered with diffusers; a model folder never carries code).
 """
@@ -35,7 +39,8 @@ from composer.models.unet import ComposerUNet  # noqa: F401  (a component class 
 from composer.pipelines import inputs, layout
 from composer.runtime import autocast, resolve_device
 from decomposers.set import DecomposerSet  # noqa: F401  (a component class diffusers must find imported)
-from upsamplers.stage import KIND as UPSAMPLER, StageSettings, UpsamplerStage, scheduler_component
+from upsamplers.stage import KIND as UPSAMPLER
+from upsamplers.stage import StageSettings, UpsamplerStage, scheduler_component
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 STAGE_NAMES = ("upsampler_256", "upsampler_1024")  # the cascade's optional upsampling stages, in order
@@ -275,7 +280,7 @@ class ComposerPipeline(DiffusionPipeline):
             known, mask = (None, None) if edit is None else _edit_at(edit, size, times)
             x = stage.sample(((x.float() + 1) / 2).clamp(0, 1), generator=generator, steps=steps, known=known,
                              mask=mask, on_step_end=self._callback(callback), progress=self._progress(progress),
-                             autocast=lambda: autocast(precision, stage.unet.device))
+                             autocast=lambda device=stage.unet.device: autocast(precision, device))
         return x
 
     @torch.no_grad()

@@ -30,6 +30,7 @@ from composer.diffusion.schedulers import make_scheduler
 from composer.models.config import build_model
 from composer.pipelines import layout
 from composer.train.accelerator import make_accelerator
+from composer.train.config import STAGES
 from composer.train.ema import EMA
 from composer.train.module import TrainingModule
 from composer.train.monitor import Monitor
@@ -45,7 +46,6 @@ from composer.train.state import (
     write_json_atomic,
 )
 from composer.train.step import TrainingStep
-from composer.train.config import STAGES
 from composer.train.warmstart import load_initial_weights
 from decomposers.set import DecomposerSet
 from upsamplers.presets import build_upsampler
