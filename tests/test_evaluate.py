@@ -16,6 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 CLIP = ROOT / "assets" / "scene-clip" / "scene-clip-tiny.safetensors"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: a second intra-op thread only waits for the other (10x slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def astronaut(size: int = 128) -> torch.Tensor:
     from skimage import data
 
@@ -223,14 +232,14 @@ def test_evaluate_end_to_end_on_a_tiny_model(files, capsys):
 
     out = files / "out"
     code = main(["evaluate", "--model", str(files / "model"), "--shards", str(files / "heldout" / "scenes-*.tar"),
-                 "--num", "2", "--steps", "1", "--out", str(out)])
+                 "--num", "2", "--steps", "1", "--pairs", "sketch+palette,depth+caption", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     result = json.loads((out / "results.json").read_text())
     assert result["num"] == 2 and result["steps"] == 1
     runs = result["runs"]
     # depth has no estimator: given in `all` and pairs, not generated alone, and said so
     assert {"none", "caption", "image_embedding", "palette", "sketch", "intensity", "masking", "all",
-            "sketch + palette", "depth + caption", "intensity + palette"} == set(runs)
+            "sketch + palette", "depth + caption"} == set(runs)
     assert any("no depth model" in note for note in result["notes"])
     assert runs["masking"]["changed_outside"]["total"] == 0  # an edit keeps every pixel outside the mask
     ceiling = result["ceiling"]
@@ -275,3 +284,32 @@ def test_a_folder_that_is_not_a_pipeline_is_refused(files, capsys):
     code = main(["evaluate", "--model", str(files), "--shards", str(files / "heldout" / "scenes-*.tar"),
                  "--out", str(files / "bad")])
     assert code == 2 and "not a pipeline folder" in capsys.readouterr().err
+
+
+def test_depth_and_instance_estimators_given_by_the_caller_are_used(files):
+    from composer.evaluate.run import EvalSettings, evaluate, load_held_out
+    from composer.evaluate.scoring import Scorer
+    from composer.pipelines.composer_pipeline import ComposerPipeline
+    from composer.train.step import batch_extras
+
+    def depth_model(images):  # a stand-in estimator: darker = farther
+        return 1 - metrics.grayscale(images)
+
+    def instance_model(images):  # one "circle" wherever the image is bright
+        ids = (metrics.grayscale(images) > 0.6).long()
+        return ids, ids * (SHAPES.index("circle") + 1)
+
+    pipe = ComposerPipeline.from_pretrained(files / "model")
+    scorer = Scorer(CLIP, depth_model=depth_model, instance_model=instance_model)
+    shards = str(files / "heldout" / "scenes-*.tar")
+    result, samples = evaluate(pipe, shards, EvalSettings(num=2, steps=1, pairs=[]), scorer)
+    assert "depth" in result["runs"] and "depth_spearman" in result["runs"]["depth"]["scores"]["depth"]
+    batch = load_held_out(shards, 2, 32)
+    condition = pipe.decomposers.decompose(batch["image"], extras=batch_extras(batch, "cpu"), names=["depth"])["depth"]
+    expected = metrics.spearman(depth_model(batch["image"]), condition).mean().item()
+    assert result["ceiling"]["depth"]["depth_spearman"] == pytest.approx(expected, abs=1e-6)
+    # the model has no instances condition, but the shape share of caption / image embedding reads the class map
+    classes = instance_model(batch["image"])[1]
+    shapes = metrics.shape_share(classes, batch["meta"], SHAPES)
+    assert result["ceiling"]["caption"]["shape_share"] == pytest.approx(shapes[torch.isfinite(shapes)].mean().item())
+    assert not any("no depth model" in note for note in result["notes"])

@@ -57,30 +57,49 @@ def register(subparsers) -> None:
 
 
 def estimators(pipe, depth_model: str | None, instances_model: str | None):
-    """(depth callable or None, instances callable or None): the given models, else the pipeline's own
-    decomposers when their folder names weights (their predict methods run the model, never ground truth)."""
-    depth = instances = None
-    own = pipe.decomposers.decomposers if pipe.decomposers is not None else {}
+    """(depth callable or None, instances callable or None, notes): the models given on the command line,
+    else the pipeline's own depth / instances decomposers when their folder names weights that load (their
+    predict methods always run the model, never ground truth). A given model that fails to load is an
+    error; the pipeline's own is skipped with a note."""
+    own = dict(pipe.decomposers.decomposers.items()) if pipe.decomposers is not None else {}
     device = pipe.unet.device
+    notes: list[str] = []
     if depth_model is not None:
         from decomposers.depth import DepthDecomposer
 
         if not Path(depth_model).is_dir():
             raise FileNotFoundError(f"--depth-model {depth_model}: no such folder (a transformers depth model saved "
                                     "with save_pretrained)")
-        depth = DepthDecomposer(weights=depth_model).to(device).predict
-    elif "depth" in own and getattr(own["depth"], "weights", None):
-        depth = own["depth"].predict
+        decomposer = DepthDecomposer(weights=depth_model).to(device)
+        decomposer.model()
+        depth = decomposer.predict
+    else:
+        depth = _own(own.get("depth"), "model", "depth", notes)
     if instances_model is not None:
         from decomposers.instances import InstancesDecomposer
 
         if not Path(instances_model).is_file():
             raise FileNotFoundError(f"--instances-model {instances_model}: no such file (YOLO segmentation weights, "
                                     ".safetensors)")
-        instances = InstancesDecomposer(weights=instances_model).to(device).predict_maps
-    elif "instances" in own and getattr(own["instances"], "weights", None):
-        instances = own["instances"].predict_maps
-    return depth, instances
+        decomposer = InstancesDecomposer(weights=instances_model).to(device)
+        decomposer.yolo()
+        instances = decomposer.predict_maps
+    else:
+        instances = _own(own.get("instances"), "yolo", "instances", notes)
+    return depth, instances, notes
+
+
+def _own(decomposer, loader: str, name: str, notes: list[str]):
+    """The pipeline's decomposer's predict method when its weights load, else None (with a note why)."""
+    if decomposer is None or not getattr(decomposer, "weights", None):
+        return None
+    try:
+        getattr(decomposer, loader)()
+    except (ValueError, FileNotFoundError, OSError) as error:
+        notes.append(f"the pipeline's {name} model does not load ({' '.join(str(error).split())[:200]}); "
+                     f"{name} is not scored with it")
+        return None
+    return decomposer.predict if name == "depth" else decomposer.predict_maps
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,13 +118,16 @@ def run(args: argparse.Namespace) -> int:
     pairs = parse_pairs(args.pairs, [n for n in MEASURES if n != "slots"])
     pipe = ComposerPipeline.from_pretrained(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
-    depth, instances = estimators(pipe, args.depth_model, args.instances_model)
+    depth, instances, estimator_notes = estimators(pipe, args.depth_model, args.instances_model)
     sketch = pipe.decomposers.decomposers["sketch"] if pipe.decomposers is not None and "sketch" in pipe.decomposers.names else None
     scorer = Scorer(args.clip, sketch=sketch, depth_model=depth, instance_model=instances, device=pipe.unet.device)
     settings = EvalSettings(num=args.num, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                             batch_size=args.batch_size, precision=args.precision, pairs=pairs, sheet_columns=args.columns)
     result, samples = evaluate(pipe, args.shards, settings, scorer)
     result["model"] = str(args.model)
+    result["notes"] = estimator_notes + result["notes"]
+    result["estimators"] = {"depth": args.depth_model or ("pipeline's depth decomposer" if depth else None),
+                            "instances": args.instances_model or ("pipeline's instances decomposer" if instances else None)}
     result["seconds"]["total"] = round(time.perf_counter() - started, 1)
     paths = write_report(result, samples, args.out, columns=args.columns)
     print(f"evaluated {len(result['runs'])} runs of {result['num']} images in {result['seconds']['total']:.0f} s; "

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-LABEL_WIDTH = 150
+LABEL_WIDTH = 190
 TILE = 96
 PADDING = 2
 
@@ -116,7 +116,7 @@ def contact_sheet(samples: Mapping[str, torch.Tensor], columns: int = 8, tile: i
         for c in range(count):
             picture = Image.fromarray(np.ascontiguousarray(pixels[c])).resize((tile, tile), Image.NEAREST)
             sheet.paste(picture, (LABEL_WIDTH + PADDING + c * cell, top))
-        draw.text((4, top + tile // 2 - 5), label[:24], fill=(0, 0, 0), font=font)
+        draw.text((4, top + tile // 2 - 5), label[:30], fill=(0, 0, 0), font=font)
     return sheet
 
 
