@@ -313,3 +313,33 @@ def test_depth_and_instance_estimators_given_by_the_caller_are_used(files):
     shapes = metrics.shape_share(classes, batch["meta"], SHAPES)
     assert result["ceiling"]["caption"]["shape_share"] == pytest.approx(shapes[torch.isfinite(shapes)].mean().item())
     assert not any("no depth model" in note for note in result["notes"])
+
+
+def test_a_pair_takes_its_second_condition_from_the_next_scene_and_masking_is_an_edit():
+    from composer.conditions import Conditions
+    from composer.evaluate.run import parse_pairs, plan_runs, run_conditions
+
+    names = ["palette", "sketch", "masking"]
+    runs = {r.label: r for r in plan_runs(names, parse_pairs("sketch+palette", names))}
+    assert list(runs) == ["none", "palette", "sketch", "masking", "all", "sketch + palette"]
+    assert runs["masking"].edit and not runs["all"].edit and runs["none"].sources == {}
+    rows = torch.arange(4, dtype=torch.float32)[:, None]
+    conditions = Conditions({"sketch": rows.clone(), "palette": 10 + rows})
+    part = run_conditions(runs["sketch + palette"], conditions, torch.tensor([2, 3]), 4)
+    assert part["sketch"][:, 0].tolist() == [2, 3] and part["palette"][:, 0].tolist() == [13, 10]  # scene k + 1 mod N
+    assert part.batch_size == 2 and run_conditions(runs["none"], conditions, torch.tensor([0]), 4).values == {}
+    assert parse_pairs(None, names) is None and parse_pairs("none", names) == []
+
+
+def test_the_shape_share_needs_an_instance_model_whose_classes_are_the_scene_shapes():
+    from composer.evaluate.scoring import Scorer, Targets
+
+    targets = Targets(sources=torch.zeros(1, 3, 8, 8), captions=["a star"], mask=torch.zeros(1, 1, 8, 8),
+                      metas=[{"size": 8, "objects": [{"class": "star", "colour": "red", "visible_pixels": 4}]}])
+    def model(images):
+        return torch.zeros(1, 1, 8, 8, dtype=torch.long), torch.zeros(1, 1, 8, 8, dtype=torch.long)
+
+    assert "no instance model" in Scorer(CLIP).unavailable("shape_share", targets)
+    assert Scorer(CLIP, instance_model=model, instance_names=SHAPES).unavailable("shape_share", targets) is None
+    coco = Scorer(CLIP, instance_model=model, instance_names=["person", "bicycle"])
+    assert "not the scene shapes" in coco.unavailable("shape_share", targets)

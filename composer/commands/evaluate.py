@@ -57,7 +57,8 @@ def register(subparsers) -> None:
 
 
 def estimators(pipe, depth_model: str | None, instances_model: str | None):
-    """(depth callable or None, instances callable or None, notes): the models given on the command line,
+    """(depth callable or None, instances callable or None, the instance model's class names or None, notes):
+    the models given on the command line,
     else the pipeline's own depth / instances decomposers when their folder names weights that load (their
     predict methods always run the model, never ground truth). A given model that fails to load is an
     error; the pipeline's own is skipped with a note."""
@@ -86,7 +87,11 @@ def estimators(pipe, depth_model: str | None, instances_model: str | None):
         instances = decomposer.predict_maps
     else:
         instances = _own(own.get("instances"), "yolo", "instances", notes)
-    return depth, instances, notes
+    names = None
+    if instances is not None:
+        table = dict(getattr(instances.__self__.yolo().model, "names", {}) or {})
+        names = [str(table[i]) for i in sorted(table)] if table else None
+    return depth, instances, names, notes
 
 
 def _own(decomposer, loader: str, name: str, notes: list[str]):
@@ -118,9 +123,10 @@ def run(args: argparse.Namespace) -> int:
     pairs = parse_pairs(args.pairs, [n for n in MEASURES if n != "slots"])
     pipe = ComposerPipeline.from_pretrained(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
-    depth, instances, estimator_notes = estimators(pipe, args.depth_model, args.instances_model)
+    depth, instances, instance_names, estimator_notes = estimators(pipe, args.depth_model, args.instances_model)
     sketch = pipe.decomposers.decomposers["sketch"] if pipe.decomposers is not None and "sketch" in pipe.decomposers.names else None
-    scorer = Scorer(args.clip, sketch=sketch, depth_model=depth, instance_model=instances, device=pipe.unet.device)
+    scorer = Scorer(args.clip, sketch=sketch, depth_model=depth, instance_model=instances,
+                    instance_names=instance_names, device=pipe.unet.device)
     settings = EvalSettings(num=args.num, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                             batch_size=args.batch_size, precision=args.precision, pairs=pairs, sheet_columns=args.columns)
     result, samples = evaluate(pipe, args.shards, settings, scorer)

@@ -78,12 +78,13 @@ class Scorer:
 
     clip_weights: a scene-CLIP open_clip checkpoint (.safetensors) with its model config (.json beside it,
     same stem); depth_model / instance_model: optional estimators (see ``DepthModel``, ``InstanceModel``);
-    a measure that needs a missing one is skipped with a note.
+    a measure that needs a missing one is skipped with a note. instance_names: the instance model's class
+    names by index, when known; the shape share needs them to be ``scenes.SHAPES`` in order.
     """
 
     def __init__(self, clip_weights: str | Path, *, sketch: torch.nn.Module | None = None,
                  depth_model: DepthModel | None = None, instance_model: InstanceModel | None = None,
-                 device: torch.device | str = "cpu"):
+                 instance_names: Sequence[str] | None = None, device: torch.device | str = "cpu"):
         from decomposers.caption import CaptionDecomposer
         from decomposers.image_embedding import ImageEmbeddingDecomposer
         from decomposers.palette import PaletteDecomposer
@@ -101,6 +102,7 @@ class Scorer:
         self.palette = PaletteDecomposer().to(self.device)
         self.sketch = sketch if sketch is not None else SketchDecomposer()
         self.depth_model, self.instance_model = depth_model, instance_model
+        self.instance_names = list(instance_names) if instance_names is not None else None
         self._cache: dict[int, Any] = {}
 
     # --- features -------------------------------------------------------------------------------------------
@@ -158,6 +160,12 @@ class Scorer:
                 return "no instance maps for the held-out scenes"
         if measure == "shape_share" and self.instance_model is None:
             return "no instance model to find shapes with (scene-CLIP zero-shot cannot tell the shapes apart)"
+        if measure == "shape_share" and self.instance_names is not None:
+            from composer.data.scenes import SHAPES
+
+            if self.instance_names != list(SHAPES):
+                return (f"the instance model's classes ({', '.join(self.instance_names[:4])}, ...) are not the scene "
+                        "shapes in order")
         if measure in ("colour_share", "shape_share") and not any(m.get("objects") for m in targets.metas):
             return "the held-out samples carry no scene metadata (KEY.json with objects)"
         for name, field in (("palette_intersection", "palette"), ("edge_f1", "sketch"), ("gray_psnr", "intensity")):
