@@ -343,3 +343,26 @@ def test_the_shape_share_needs_an_instance_model_whose_classes_are_the_scene_sha
     assert Scorer(CLIP, instance_model=model, instance_names=SHAPES).unavailable("shape_share", targets) is None
     coco = Scorer(CLIP, instance_model=model, instance_names=["person", "bicycle"])
     assert "not the scene shapes" in coco.unavailable("shape_share", targets)
+
+
+def test_summaries_close_the_gap_and_pairs_keep_their_single_gain():
+    from composer.evaluate.run import summarise
+
+    def scores(**values):
+        return {"scores": {n: {m: v} for n, (m, v) in values.items()}}
+
+    runs = {"palette": scores(palette=("palette_intersection", 0.6)), "sketch": scores(sketch=("edge_f1", 0.5)),
+            "all": scores(palette=("palette_intersection", 0.8), sketch=("edge_f1", 0.3)),
+            "palette + sketch": scores(palette=("palette_intersection", 0.56), sketch=("edge_f1", 0.3))}
+    floor = {"palette": {"palette_intersection": 0.2}, "sketch": {"edge_f1": 0.1}}
+    shifted = {"palette": {"palette_intersection": 0.25}, "sketch": {"edge_f1": 0.1}}
+    ceiling = {"palette": {"palette_intersection": 1.0}, "sketch": {"edge_f1": 1.0}}
+    summary, pairs = summarise(["palette", "sketch"], [("palette", "sketch")], runs, floor, shifted, ceiling)
+    palette = summary[0]
+    assert palette["gap_closed"] == pytest.approx(0.5) and palette["gap_closed_all"] == pytest.approx(0.75)
+    pair = pairs[0]
+    assert pair["first"]["kept_gain"] == pytest.approx(0.9) and pair["first"]["ratio"] == pytest.approx(0.56 / 0.6)
+    assert pair["second"]["kept_gain"] == pytest.approx(0.5)  # (0.3 - 0.1) / (0.5 - 0.1)
+    assert pair["both_keep_90"] is False
+    runs["sketch"] = scores(sketch=("edge_f1", 0.05))  # the single run does no better than none: nothing to keep
+    assert summarise(["palette", "sketch"], [("palette", "sketch")], runs, floor, shifted, ceiling)[1][0]["both_keep_90"] is None

@@ -304,36 +304,7 @@ def evaluate(pipe, shards: Sequence[str] | str, settings: EvalSettings, scorer: 
 
     # 4. Summaries: each condition beside its floor and ceiling; pairs against their singles
     floor_means, shifted_means, ceiling_means = _means(floor), _means(floor_shifted), _means(ceiling)
-    summary = []
-    for name in names:
-        for measure in MEASURES[name]:
-            if measure not in ceiling_means.get(name, {}):
-                continue
-            run = results_runs[name]
-            f, c = floor_means[name][measure], ceiling_means[name][measure]
-            single = run["scores"].get(name, {}).get(measure)
-            everything = results_runs["all"]["scores"].get(name, {}).get(measure)
-            summary.append({"condition": name, "measure": measure, "primary": measure == MEASURES[name][0],
-                            "floor": f, "single": single, "all": everything, "ceiling": c,
-                            "gap_closed": _gap(single, f, c), "gap_closed_all": _gap(everything, f, c)})
-    pair_rows = []
-    for a, b in pairs:
-        label, row = f"{a} + {b}", {"pair": f"{a} + {b}", "first_from": "scene k", "second_from": "scene k + 1"}
-        verdicts = []
-        for which, name, floors in (("first", a, floor_means), ("second", b, shifted_means)):
-            measure = MEASURES[name][0]
-            pair_score = results_runs[label]["scores"].get(name, {}).get(measure)
-            single = results_runs.get(name, {}).get("scores", {}).get(name, {}).get(measure)
-            base = floors.get(name, {}).get(measure)
-            kept = None
-            if None not in (pair_score, single, base) and single - base > GAP_EPSILON:
-                kept = (pair_score - base) / (single - base)
-            ratio = pair_score / single if None not in (pair_score, single) and abs(single) > GAP_EPSILON else None
-            row[which] = {"condition": name, "measure": measure, "single": single, "pair": pair_score, "floor": base,
-                          "kept_gain": kept, "ratio": ratio}
-            verdicts.append(None if kept is None else kept >= KEEP_THRESHOLD)
-        row["both_keep_90"] = None if None in verdicts else all(verdicts)
-        pair_rows.append(row)
+    summary, pair_rows = summarise(names, pairs, results_runs, floor_means, shifted_means, ceiling_means)
 
     result = {
         "model": None, "shards": list(shards) if not isinstance(shards, str) else [shards],
@@ -351,3 +322,41 @@ def evaluate(pipe, shards: Sequence[str] | str, settings: EvalSettings, scorer: 
     }
     samples_of["source"] = sources
     return result, samples_of
+
+
+def summarise(names: Sequence[str], pairs: Sequence[tuple[str, str]], runs: dict[str, Any],
+              floor: dict[str, dict[str, float | None]], floor_shifted: dict[str, dict[str, float | None]],
+              ceiling: dict[str, dict[str, float | None]]) -> tuple[list[dict], list[dict]]:
+    """(summary rows, pair rows) from the runs' mean scores, the floor (none against scene k, and against
+    scene k + 1 for a pair's second condition) and the ceiling; see ``evaluate``'s result."""
+    summary = []
+    for name in names:
+        for measure in MEASURES[name]:
+            if measure not in ceiling.get(name, {}):
+                continue
+            f, c = floor[name][measure], ceiling[name][measure]
+            single = runs.get(name, {}).get("scores", {}).get(name, {}).get(measure)
+            everything = runs["all"]["scores"].get(name, {}).get(measure)
+            summary.append({"condition": name, "measure": measure, "primary": measure == MEASURES[name][0],
+                            "floor": f, "single": single, "all": everything, "ceiling": c,
+                            "gap_closed": _gap(single, f, c), "gap_closed_all": _gap(everything, f, c)})
+    pair_rows = []
+    for a, b in pairs:
+        label, row = f"{a} + {b}", {"pair": f"{a} + {b}", "first_from": "scene k", "second_from": "scene k + 1"}
+        verdicts = []
+        for which, name, floors in (("first", a, floor), ("second", b, floor_shifted)):
+            measure = MEASURES[name][0]
+            pair_score = runs[label]["scores"].get(name, {}).get(measure)
+            single = runs.get(name, {}).get("scores", {}).get(name, {}).get(measure)
+            base = floors.get(name, {}).get(measure)  # none's score against the scenes the pair took it from
+            single_base = floor.get(name, {}).get(measure)  # ... and against the single run's scenes
+            kept = None
+            if None not in (pair_score, single, base, single_base) and single - single_base > GAP_EPSILON:
+                kept = (pair_score - base) / (single - single_base)
+            ratio = pair_score / single if None not in (pair_score, single) and abs(single) > GAP_EPSILON else None
+            row[which] = {"condition": name, "measure": measure, "single": single, "pair": pair_score, "floor": base,
+                          "kept_gain": kept, "ratio": ratio}
+            verdicts.append(None if kept is None else kept >= KEEP_THRESHOLD)
+        row["both_keep_90"] = None if None in verdicts else all(verdicts)
+        pair_rows.append(row)
+    return summary, pair_rows
