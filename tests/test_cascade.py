@@ -224,3 +224,18 @@ def test_generate_and_upsample_commands_stop_at_the_asked_size(pipe, tmp_path):
                  "--precision", "fp32", "--out", str(big)]) == 0
     assert Image.open(big).size == (1024, 1024)
     assert main(["generate", "--model", str(tmp_path / "cascade"), "--size", "300", "--out", str(out)]) == 2
+
+
+def test_upsample_with_a_stage_folder_scales_the_image_as_it_is(tmp_path):
+    from PIL import Image
+
+    from composer.imageio import save_image
+
+    unet, scheduler, settings = tiny_stage("upsampler_256", 256)
+    layout.write_stage(tmp_path / "stage", unet, scheduler, settings.entry())
+    save_image(torch.rand(1, 3, 24, 16)[0], tmp_path / "small.png")
+    assert main(["upsample", str(tmp_path / "small.png"), "--model", str(tmp_path / "stage"), "--precision", "fp32",
+                 "--out", str(tmp_path / "big.png")]) == 0
+    assert Image.open(tmp_path / "big.png").size == (64, 96)
+    assert main(["upsample", str(tmp_path / "small.png"), "--model", str(tmp_path / "stage"), "--size", "30",
+                 "--out", str(tmp_path / "bad.png")]) == 2

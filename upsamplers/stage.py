@@ -84,10 +84,11 @@ class UpsamplerStage:
         factor = 2 ** (len(self.unet.config.block_out_channels) - 1)
         return max(1, -(-factor // int(self.settings.scale)))
 
-    def fit(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 3, h, w) in [0, 1] resized (antialiased bicubic, aspect kept) so that its longer side is this
-        stage's input side (resolution / scale), each side a multiple of ``input_multiple``."""
-        side, multiple = self.settings.resolution // self.settings.scale, self.input_multiple
+    def fit(self, image: torch.Tensor, side: int | None = None) -> torch.Tensor:
+        """(B, 3, h, w) in [0, 1] resized (antialiased bicubic, aspect kept) so that its longer side is ``side``
+        (default: this stage's input side, resolution / scale), each side a multiple of ``input_multiple``."""
+        side = int(side or self.settings.resolution // self.settings.scale)
+        multiple = self.input_multiple
         scale = side / max(image.shape[-2:])
         shape = tuple(max(multiple, round(n * scale / multiple) * multiple) for n in image.shape[-2:])
         return resize_map(image.float(), shape, "bicubic").clamp(0, 1)

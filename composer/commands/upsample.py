@@ -1,8 +1,9 @@
 """`composer-diffusion upsample`: any image through the cascade's upsampling stages (64 -> 256 -> 1024).
 
---model is a pipeline folder with upsamplers (model_index.json lists them in ``stages``) or a stage folder
-written by a `train` run with train.stage=upsampler (output_dir/stage). The image is resized (antialiased
-bicubic, aspect kept) to the input size of the first stage that takes it, then each stage up to --size runs.
+--model is a pipeline folder with upsamplers (model_index.json lists them in ``stages``): the image is
+resized (antialiased bicubic, aspect kept) to the input size of the first stage that takes it, then each
+stage up to --size runs. Or --model is a stage folder written by a `train` run with train.stage=upsampler
+(output_dir/stage): its one stage upsamples the image by its scale (to --size on the longer side if given).
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ def _stage_folder(args, image):
 
     unet, scheduler, entry = layout.read_stage(args.model)
     stage = UpsamplerStage(unet.to(resolve_device(args.device)), scheduler, StageSettings.from_entry(entry))
-    if args.size is not None and args.size != stage.settings.resolution:
-        raise ValueError(f"the stage in {args.model} makes {stage.settings.resolution} px images, not --size {args.size}")
+    scale = stage.settings.scale
+    if args.size is not None and args.size % scale:
+        raise ValueError(f"--size {args.size} does not divide by the stage's scale {scale}; give a multiple of {scale}")
+    side = args.size // scale if args.size else max(image.shape[-2:])  # default: scale x the image as it is
     precision = args.precision or "auto"
-    return stage.upsample(stage.fit(image), generator=torch.Generator().manual_seed(args.seed), steps=args.steps,
-                          autocast=lambda: autocast(precision, stage.unet.device))
+    return stage.upsample(stage.fit(image, side), generator=torch.Generator().manual_seed(args.seed),
+                          steps=args.steps, autocast=lambda: autocast(precision, stage.unet.device))
 
 
 def run(args: argparse.Namespace) -> int:
