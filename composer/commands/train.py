@@ -9,7 +9,7 @@ from composer.commands._common import add_config_arguments, add_runtime_argument
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "train", help="train the 64 px base model on webdataset shards (accelerate-aware)",
+        "train", help="train a stage (the 64 px base model, or an upsampler) on webdataset shards (accelerate-aware)",
         description="Train with the resolved config (typed defaults <- --config presets <- --set overrides). "
         "Multi-process: accelerate launch [--multi_gpu --num_processes N] -m composer train --config ... "
         "One trainer per output_dir (output_dir/train.lock); an output_dir that holds a run is continued with "
@@ -57,5 +57,6 @@ def run(args: argparse.Namespace) -> int:
             return 2
         raise
     print(f"trained to {summary['images_seen']} images ({summary['step']} steps, last loss {summary['last_loss']:.4f}, "
-          f"{summary['skipped_steps']} skipped steps); EMA pipeline: {summary['pipeline']}")
+          f"{summary['skipped_steps']} skipped steps); EMA {'stage' if cfg.train.stage == 'upsampler' else 'pipeline'}: "
+          f"{summary['pipeline']}")
     return 0

@@ -20,7 +20,7 @@ class ModelConfig:
 
     preset: str = "tiny"  # "tiny" (CPU tests and demo) or "paper" (GPU)
     overrides: dict[str, Any] = field(default_factory=dict)  # UNet / adapter keyword overrides
-    pretrained: str | None = None  # a pipeline folder to start from
+    pretrained: str | None = None  # a pipeline folder (or a UNet folder) whose UNet the run starts from
 
 
 # Architecture presets (UNet and adapter sizes); the conditions come from the decomposers' specs.
@@ -91,11 +91,8 @@ def model_kwargs(preset: str, overrides: dict[str, Any] | None = None,
 
 def build_model(model_cfg: Any, specs: dict[str, ConditionSpec] | None = None) -> ComposerUNet:
     """A ComposerUNet from the run config's model section (preset, overrides, optional pretrained folder)."""
-    if getattr(model_cfg, "pretrained", None):
-        from pathlib import Path
-
-        folder = Path(model_cfg.pretrained)
-        return ComposerUNet.from_pretrained(folder / "unet" if (folder / "unet").is_dir() else folder)
+    if getattr(model_cfg, "pretrained", None):  # a UNet folder; a pipeline's is found by pipelines.layout.unet_folder
+        return ComposerUNet.from_pretrained(model_cfg.pretrained)
     overrides = dict(model_cfg.overrides) if getattr(model_cfg, "overrides", None) else {}
     try:
         return ComposerUNet(**model_kwargs(model_cfg.preset, overrides, specs))

@@ -37,7 +37,7 @@ from composer.diffusion.schedulers import SampleConfig, make_scheduler
 from composer.models.adapters import resize_map
 from composer.models.unet import ComposerUNet  # noqa: F401  (a component class diffusers must find imported)
 from composer.pipelines import inputs, layout
-from composer.runtime import autocast, resolve_device
+from composer.runtime import autocast, resolve_device, resolve_precision
 from decomposers.set import DecomposerSet  # noqa: F401  (a component class diffusers must find imported)
 from upsamplers.stage import KIND as UPSAMPLER
 from upsamplers.stage import StageSettings, UpsamplerStage, scheduler_component
@@ -105,7 +105,8 @@ class ComposerPipeline(DiffusionPipeline):
                 from decomposers.folder import load_decomposers as load_set
 
                 decomposers = load_set(folder / "decomposers", trust_pickle=trust_pickle)
-            pipe = super().from_pretrained(folder, torch_dtype=torch_dtype, decomposers=decomposers, **kwargs)
+            with _quiet_loading():
+                pipe = super().from_pretrained(folder, torch_dtype=torch_dtype, decomposers=decomposers, **kwargs)
         for module in [pipe.unet] + [stage.unet for stage in pipe.upsamplers]:
             module.eval().requires_grad_(False)
         if sampler is not None:
@@ -249,12 +250,7 @@ class ComposerPipeline(DiffusionPipeline):
         conditions = self._conditions(conditions, images, inputs.as_captions(captions, prompt))
         # 3. Prepare the region edit at the stage's size, and one sample per output image
         edit = self._prepare_edit(image, mask, settings["size"])
-        if edit is not None:
-            conditions = self._with_masking(conditions, edit)
-        base = conditions.batch_size or (edit.image.shape[0] if edit is not None else 1)
-        conditions = _repeat(conditions, base, num_images_per_prompt).to(self.unet.device)
-        self.unet.check_conditions(conditions)
-        batch = base * num_images_per_prompt
+        conditions, batch = self._batch(conditions, edit, num_images_per_prompt)
         # 4. Prepare the scheduler and the initial noise
         scheduler = make_scheduler(sampler, self.scheduler.config) if sampler else self.scheduler
         noise = initial_noise((batch, self.unet.config.out_channels, *settings["size"]), generator, self.unet.device)
@@ -270,6 +266,15 @@ class ComposerPipeline(DiffusionPipeline):
                            settings["precision"], upsampler_steps)
         # 7. Post-process: exactly the original outside the mask, at its own size
         return self._postprocess(x, edit, num_images_per_prompt, output_type, return_dict)
+
+    def _batch(self, conditions: Conditions, edit: _Edit | None, times: int) -> tuple[Conditions, int]:
+        """The conditions on the UNet's device, one sample per output image, and the batch size."""
+        if edit is not None:
+            conditions = self._with_masking(conditions, edit)
+        base = conditions.batch_size or (edit.image.shape[0] if edit is not None else 1)
+        conditions = _repeat(conditions, base, times).to(self.unet.device)
+        self.unet.check_conditions(conditions)
+        return conditions, base * times
 
     def _upsample(self, x: torch.Tensor, stages: list[UpsamplerStage], edit: _Edit | None, times: int, generator,
                   callback, progress: bool, precision: str, steps: int | None) -> torch.Tensor:
@@ -321,8 +326,9 @@ class ComposerPipeline(DiffusionPipeline):
         if height < factor or width < factor or height % factor or width % factor:
             raise ValueError(f"height and width must be positive multiples of {factor} for this model, got "
                              f"{height} x {width}")
-        return {"steps": steps, "guidance_scale": guidance_scale, "size": (height, width),
-                "precision": precision or defaults.precision}
+        precision = precision or defaults.precision
+        resolve_precision(precision, self.unet.device)  # an impossible precision fails before any work
+        return {"steps": steps, "guidance_scale": guidance_scale, "size": (height, width), "precision": precision}
 
     def _conditions(self, conditions, images, captions) -> Conditions:
         if conditions is None:
@@ -389,6 +395,23 @@ class ComposerPipeline(DiffusionPipeline):
             out = torch.where(mask > 0.5, out, image)  # exactly the original outside the mask
         result = _convert(out, output_type)
         return ComposerPipelineOutput(images=result) if return_dict else (result,)
+
+
+class _quiet_loading:
+    """diffusers draws a "Loading pipeline components" bar on every load: not on ours."""
+
+    def __enter__(self):
+        from diffusers.utils import logging as diffusers_logging
+
+        self.was_enabled = diffusers_logging.is_progress_bar_enabled()
+        diffusers_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from diffusers.utils import logging as diffusers_logging
+
+        if self.was_enabled:
+            diffusers_logging.enable_progress_bar()
+        return False
 
 
 def _edit_at(edit: _Edit, size: tuple[int, int], times: int) -> tuple[torch.Tensor, torch.Tensor]:

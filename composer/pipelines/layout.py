@@ -94,6 +94,12 @@ def load_legacy(folder: Path, *, load_decomposers: bool = True, trust_pickle: bo
             "prediction_type": training.config.prediction_type, "sampling": {"scheduler": sampler}}
 
 
+def unet_folder(source: str | os.PathLike) -> Path:
+    """The base UNet's folder of a pipeline folder (PIPELINE/unet), or ``source`` itself for a UNet folder."""
+    source = Path(source)
+    return source / "unet" if is_pipeline_folder(source) else source
+
+
 def is_pipeline_folder(folder: str | os.PathLike) -> bool:
     return (Path(folder) / INDEX_NAME).is_file()
 

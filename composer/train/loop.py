@@ -28,6 +28,7 @@ from composer.diffusion.denoiser import PREDICTION_TYPES, Denoiser, NoiseSchedul
 from composer.diffusion.dropout import DropoutPolicy
 from composer.diffusion.schedulers import make_scheduler
 from composer.models.config import build_model
+from composer.models.unet import ComposerUNet
 from composer.pipelines import layout
 from composer.train.accelerator import make_accelerator
 from composer.train.config import STAGES
@@ -265,7 +266,9 @@ def stage_kind(cfg: DictConfig) -> str:
 def build_stage_model(cfg: DictConfig, specs) -> torch.nn.Module:
     """The network of the configured stage: the base model on the decomposers' specs, or an upsampler (an sr
     preset with the low-res conditions, sample_size = the training crop)."""
-    if stage_kind(cfg) == "base" or cfg.model.pretrained:
+    if cfg.model.pretrained:
+        return ComposerUNet.from_pretrained(layout.unet_folder(cfg.model.pretrained))
+    if stage_kind(cfg) == "base":
         return build_model(cfg.model, specs)
     crop = int(cfg.data.crop_size or cfg.data.resolution)
     return build_upsampler(cfg.model.preset, crop, int(cfg.train.upsampler.level_dim), dict(cfg.model.overrides or {}))

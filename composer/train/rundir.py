@@ -41,7 +41,8 @@ from composer.train.checkpoint import (
 )
 
 LOCK_FILE = "train.lock"
-RUN_FILES = ("config.yaml", "losses.csv", "run_summary.json", "pipeline", "checkpoints", "samples", "tensorboard")
+RUN_FILES = ("config.yaml", "losses.csv", "run_summary.json", "pipeline", "stage", "checkpoints", "samples",
+             "tensorboard")
 
 
 class RunError(ValueError):
@@ -174,7 +175,7 @@ def clear_run(out: Path) -> None:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
-    for leftover in [*out.glob("pipeline.old"), *out.glob("pipeline.tmp-*")]:
+    for leftover in [*out.glob("pipeline.old"), *out.glob("pipeline.tmp-*"), *out.glob("stage.old"), *out.glob("stage.tmp-*")]:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
