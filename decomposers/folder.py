@@ -47,7 +47,8 @@ def portable_options(options: Mapping[str, Mapping[str, Any]], directory: Path,
                 target = place_file(name, key, source.resolve(), directory / "files")
                 values[key] = f"{SUBFOLDER}/files/{target.name}"
                 continue
-            target = directory / "files" / (source.name if source.is_file() else f"{name}-{source.name}")
+            keep = source.is_file() or source.name.startswith(f"{name}-")  # a re-save keeps the folder's own name
+            target = directory / "files" / (source.name if keep else f"{name}-{source.name}")
             target.parent.mkdir(parents=True, exist_ok=True)
             if source.resolve() != target.resolve():
                 if source.is_dir():
