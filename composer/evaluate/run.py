@@ -220,14 +220,25 @@ def available_conditions(pipe, batch: dict[str, Any], mask: torch.Tensor) -> tup
     return Conditions(values, keep, images.shape[0]).to("cpu"), skipped
 
 
-def evaluate(pipe, shards: Sequence[str] | str, settings: EvalSettings, scorer: Scorer) -> tuple[dict[str, Any], dict]:
-    """Generate and score; returns (results as a JSON-ready dict, {run label: samples (N, 3, H, W)})."""
-    from tqdm.auto import tqdm
+@dataclass
+class _Plan:
+    """What one evaluation works on: the held-out scenes, their conditions and targets, the runs to make."""
 
+    size: int
+    sources: torch.Tensor
+    conditions: Conditions
+    skipped: dict[str, str]
+    names: list[str]
+    targets: Any
+    pairs: list[tuple[str, str]]
+    runs: list[Any]
+    notes: list[str]
+
+
+def _plan(pipe, shards, settings: EvalSettings, scorer: Scorer) -> _Plan:
+    """The held-out scenes, every condition taken from them, their targets, and the runs worth making."""
     from composer.train.samples import centre_mask
 
-    # 1. The held-out scenes and every condition taken from them
-    started = time.perf_counter()
     size = int(pipe.unet.config.sample_size)
     batch = load_held_out(shards, settings.num, size)
     sources = batch["image"].float()
@@ -237,7 +248,6 @@ def evaluate(pipe, shards: Sequence[str] | str, settings: EvalSettings, scorer: 
     metas = [m if isinstance(m, dict) else {} for m in batch.get("meta", [{}] * len(sources))]
     targets = scorer.targets(sources, batch["caption"], metas, conditions,
                              {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "image"}, mask)
-    count = targets.count
     pairs = settings.pairs if settings.pairs is not None else [p for p in DEFAULT_PAIRS if p[0] in names and p[1] in names]
     for a, b in pairs:
         if a not in names or b not in names:
@@ -255,73 +265,96 @@ def evaluate(pipe, shards: Sequence[str] | str, settings: EvalSettings, scorer: 
     runs = [r for r in plan_runs(names, pairs) if not (r.kind == "single" and r.label in unscored)]
     notes += [f"{name} alone not generated: none of its measures can be computed (it is still given in `all` "
               "and in pairs)" for name in unscored]
+    return _Plan(size, sources, conditions, skipped, names, targets, pairs, runs, notes)
+
+
+def _score_run(run, samples: torch.Tensor, plan: _Plan, scorer: Scorer, cache: dict) -> dict:
+    """The scores of one run's samples: every measure for none/all, the edit's for masking, else each
+    condition against the scene it came from."""
+    count = plan.targets.count
     identity, shifted = torch.arange(count), (torch.arange(count) + 1) % count
+    if run.kind in ("none", "all"):
+        return _score_all(scorer, plan.names, samples, plan.targets, identity, cache)
+    if run.edit:
+        return {"masking": scorer.score("masking", samples, plan.targets, identity, cache)}
+    return {n: scorer.score(n, samples, plan.targets, identity if off == 0 else shifted, cache)
+            for n, off in run.sources.items()}
 
+
+def _run_entry(run, samples: torch.Tensor, scores: dict, plan: _Plan, scorer: Scorer, cache: dict,
+               seconds: float) -> dict[str, Any]:
+    if "features" not in cache:
+        cache["features"] = scorer.image_features(samples)
+    entry: dict[str, Any] = {"kind": run.kind, "conditions": dict(run.sources), "scores": _means(scores),
+                             "seconds": seconds, **scorer.distances(cache["features"], plan.targets)}
+    if run.edit:
+        changed = metrics.changed_outside(samples, plan.targets.sources, plan.targets.mask)
+        entry["changed_outside"] = {"total": int(changed.sum()), "max_per_image": int(changed.max()),
+                                    "pixels_outside_per_image": int((plan.targets.mask[0] < 0.5).sum())}
+    return entry
+
+
+def _reference(plan: _Plan, scorer: Scorer) -> dict[str, float] | None:
+    """scene-CLIP FID/KID between the two halves of the held-out set (real vs real)."""
+    count, half = plan.targets.count, plan.targets.count // 2
+    if half < 2 or count - half < 2:
+        return None
+    features = scorer.image_features(plan.sources)
+    return {"fid": metrics.fid(features[:half], features[half:]), "kid": metrics.kid(features[:half], features[half:])}
+
+
+def evaluate(pipe, shards: Sequence[str] | str, settings: EvalSettings, scorer: Scorer) -> tuple[dict[str, Any], dict]:
+    """Generate and score; returns (results as a JSON-ready dict, {run label: samples (N, 3, H, W)})."""
+    from tqdm.auto import tqdm
+
+    # 1. The held-out scenes, every condition taken from them, and the runs to make
+    started = time.perf_counter()
+    plan = _plan(pipe, shards, settings, scorer)
+    count, shifted = plan.targets.count, (torch.arange(plan.targets.count) + 1) % plan.targets.count
     # 2. The ceiling: the sources themselves, scored the same way
-    source_cache: dict = {}
-    ceiling = _score_all(scorer, names, sources, targets, identity, source_cache)
-    half = count // 2
-    reference = None
-    if half >= 2 and count - half >= 2:
-        features = scorer.image_features(sources)
-        reference = {"fid": metrics.fid(features[:half], features[half:]), "kid": metrics.kid(features[:half], features[half:])}
-
+    ceiling = _score_all(scorer, plan.names, plan.sources, plan.targets, torch.arange(count), {})
+    reference = _reference(plan, scorer)
     # 3. Generate and score every run
-    results_runs: dict[str, Any] = {}
-    per_image: dict[str, Any] = {"source": {c: {m: v.tolist() for m, v in s.items()} for c, s in ceiling.items()}}
-    samples_of: dict[str, torch.Tensor] = {}
-    run_seconds: dict[str, float] = {}
-    floor: dict = {}
-    floor_shifted: dict = {}
-    with tqdm(total=count * len(runs), desc="evaluate", unit="img", dynamic_ncols=True) as progress:
-        for run in runs:
+    runs, per_image, samples_of, seconds = {}, {"source": _lists(ceiling)}, {}, {}
+    floor, floor_shifted = {}, {}
+    with tqdm(total=count * len(plan.runs), desc="evaluate", unit="img", dynamic_ncols=True) as progress:
+        for run in plan.runs:
             progress.set_postfix_str(run.label)
             tick = time.perf_counter()
-            samples = generate(pipe, run, conditions, targets, settings, progress)
-            run_seconds[run.label] = round(time.perf_counter() - tick, 2)
-            samples_of[run.label] = samples
+            samples_of[run.label] = samples = generate(pipe, run, plan.conditions, plan.targets, settings, progress)
+            seconds[run.label] = round(time.perf_counter() - tick, 2)
             cache: dict = {}
-            if run.kind in ("none", "all"):
-                scores = _score_all(scorer, names, samples, targets, identity, cache)
-            elif run.edit:
-                scores = {"masking": scorer.score("masking", samples, targets, identity, cache)}
-            else:
-                scores = {n: scorer.score(n, samples, targets, identity if off == 0 else shifted, cache)
-                          for n, off in run.sources.items()}
+            scores = _score_run(run, samples, plan, scorer, cache)
             if run.kind == "none":
                 floor = scores
-                floor_shifted = _score_all(scorer, names, samples, targets, shifted, cache)
-            if "features" not in cache:
-                cache["features"] = scorer.image_features(samples)
-            entry: dict[str, Any] = {"kind": run.kind, "conditions": dict(run.sources), "scores": _means(scores),
-                                     "seconds": run_seconds[run.label], **scorer.distances(cache["features"], targets)}
-            if run.edit:
-                changed = metrics.changed_outside(samples, targets.sources, targets.mask)
-                entry["changed_outside"] = {"total": int(changed.sum()), "max_per_image": int(changed.max()),
-                                            "pixels_outside_per_image": int((targets.mask[0] < 0.5).sum())}
-            results_runs[run.label] = entry
-            per_image[run.label] = {c: {m: v.tolist() for m, v in s.items()} for c, s in scores.items()}
-
+                floor_shifted = _score_all(scorer, plan.names, samples, plan.targets, shifted, cache)
+            runs[run.label] = _run_entry(run, samples, scores, plan, scorer, cache, seconds[run.label])
+            per_image[run.label] = _lists(scores)
     # 4. Summaries: each condition beside its floor and ceiling; pairs against their singles
     floor_means, shifted_means, ceiling_means = _means(floor), _means(floor_shifted), _means(ceiling)
-    summary, pair_rows = summarise(names, pairs, results_runs, floor_means, shifted_means, ceiling_means)
-
+    summary, pair_rows = summarise(plan.names, plan.pairs, runs, floor_means, shifted_means, ceiling_means)
+    half = count // 2
     result = {
         "model": None, "shards": list(shards) if not isinstance(shards, str) else [shards],
         "num": count, "steps": settings.steps if settings.steps is not None else pipe.sampling.steps,
         "guidance_scale": settings.guidance_scale if settings.guidance_scale is not None else pipe.sampling.guidance_scale,
-        "sampler": type(pipe.scheduler).__name__, "seed": settings.seed, "resolution": size,
-        "conditions": names, "skipped": skipped, "measures": {m: DESCRIPTIONS[m] for n in names for m in MEASURES[n]},
+        "sampler": type(pipe.scheduler).__name__, "seed": settings.seed, "resolution": plan.size,
+        "conditions": plan.names, "skipped": plan.skipped,
+        "measures": {m: DESCRIPTIONS[m] for n in plan.names for m in MEASURES[n]},
         "psnr_cap_db": metrics.PSNR_CAP, "keep_threshold": KEEP_THRESHOLD,
         "floor": floor_means, "floor_second_of_pair": shifted_means, "ceiling": ceiling_means,
-        "summary": summary, "pairs": pair_rows, "runs": results_runs,
+        "summary": summary, "pairs": pair_rows, "runs": runs,
         "distribution_reference": {"what": "scene-CLIP FID/KID of the held-out images' two halves (real vs real, "
                                            f"{half} vs {count - half})", **(reference or {})},
-        "notes": notes, "seconds": {"total": round(time.perf_counter() - started, 1), "runs": run_seconds},
+        "notes": plan.notes, "seconds": {"total": round(time.perf_counter() - started, 1), "runs": seconds},
         "per_image": per_image,
     }
-    samples_of["source"] = sources
+    samples_of["source"] = plan.sources
     return result, samples_of
+
+
+def _lists(scores: dict) -> dict:
+    return {c: {m: v.tolist() for m, v in s.items()} for c, s in scores.items()}
 
 
 def summarise(names: Sequence[str], pairs: Sequence[tuple[str, str]], runs: dict[str, Any],
