@@ -14,7 +14,7 @@ import torch
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-ALIASES = {"no": "fp32", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+ALIASES = {"no": "fp32", "false": "fp32", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # "false": YAML reads no as False
 
 
 def gpu_available() -> bool:

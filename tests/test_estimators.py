@@ -91,3 +91,27 @@ def test_shipped_yolo_model_loads_from_the_demo_folder_and_finds_the_objects(dem
     assert iou > 0.6, f"held-out foreground IoU {iou:.2f}: the shipped YOLO model is not trained"
     agree = (classes[found & truth] == torch.from_numpy(np.stack([s.classes for s in scenes]))[:, None][found & truth])
     assert agree.float().mean() > 0.5, "the shipped YOLO model names the wrong shapes"
+
+
+def test_the_tiny_preset_trains_on_the_estimators_when_shards_carry_no_ground_truth(tmp_path):
+    """data.extras=[]: depth and instances come from the shipped estimators, and the run's pipeline folder
+    carries copies of them (so its `generate --depth IMG --instances IMG` works from any image)."""
+    from composer.config import load_config
+    from composer.data.shards import write_scene_shards
+    from composer.train.loop import train
+
+    write_scene_shards(tmp_path / "scenes", 8, 64, seed=5, shard_size=8, progress=False)
+    cfg = load_config(["train/tiny"], [f"output_dir={tmp_path / 'run'}", f"data.shards={tmp_path / 'scenes' / 'scenes-000000.tar'}",
+                                       "data.extras=[]", "data.num_workers=0", "data.batch_size=4", "train.total_images=4",
+                                       "train.checkpoint_every_images=0", "train.sample_every_images=0",
+                                       "train.progress=false", "train.tensorboard=false", "train.mixed_precision=no",
+                                       "train.warmup_images=0", "train.sample_shards=null", "train.sample_images=1", "sample.steps=1",
+                                       "model.overrides.block_out_channels=[16,32]",
+                                       "model.overrides.attention_heads=[1,2]", "model.overrides.context_dim=16",
+                                       "model.overrides.local_embed_channels=4",
+                                       "model.overrides.down_block_types=[DownBlock2D,CrossAttnDownBlock2D]",
+                                       "model.overrides.up_block_types=[CrossAttnUpBlock2D,UpBlock2D]"])
+    summary = train(cfg)
+    assert summary["step"] == 1 and summary["skipped_steps"] == 0
+    files = {p.name for p in (tmp_path / "run" / "pipeline" / "decomposers" / "files").iterdir()}
+    assert any("depth" in name for name in files) and any(name.endswith(".safetensors") and "yolo" in name for name in files)
