@@ -32,14 +32,19 @@ class Decomposer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        for tensor in self.parameters():
-            return tensor.device
-        for tensor in self.buffers():
-            return tensor.device
-        return torch.device("cpu")
+        return module_device(self)
 
     def forward(self, images: torch.Tensor, **context: Any):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def visualize(self, rep) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (the CPU for a module that holds neither)."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")

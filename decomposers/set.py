@@ -11,6 +11,7 @@ from diffusers import ModelMixin
 from torch import nn
 
 from composer.conditions import CAPTION, Conditions, ConditionSpec
+from decomposers.base import module_device
 from decomposers.paths import folder_path
 from decomposers.registry import get_decomposer, list_decomposers
 
@@ -136,11 +137,7 @@ class DecomposerSet(ModelMixin):
 
     @property
     def device(self) -> torch.device:
-        for tensor in self.parameters():
-            return tensor.device
-        for tensor in self.buffers():
-            return tensor.device
-        return torch.device("cpu")
+        return module_device(self)
 
     @property
     def dtype(self) -> torch.dtype:
