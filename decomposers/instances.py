@@ -171,6 +171,24 @@ def boundaries(ids: torch.Tensor) -> torch.Tensor:
     return (edge & (ids > 0)).float()
 
 
+class keep_threads:
+    """Undo what ultralytics does to the process's threads: importing it sets OMP_NUM_THREADS=1 when unset, and
+    its device selection calls torch.set_num_threads(min(8, cores - 1)) (1 on a 2-core machine), which left
+    every later step of a run (sampling, training) on one thread."""
+
+    def __enter__(self):
+        self.threads, self.omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+
+    def __exit__(self, *exc):
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        if self.omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = self.omp
+        return False
+
+
 @register_decomposer
 class InstancesDecomposer(Decomposer):
     """forward(images (B, 3, H, W) in [0, 1], instances=None, classes=None) -> (B, 5, H, W).
@@ -205,6 +223,10 @@ class InstancesDecomposer(Decomposer):
         return ConditionSpec(self.name, self.kinds, 5, resize="nearest")
 
     def yolo(self):
+        with keep_threads():
+            return self._load_yolo()
+
+    def _load_yolo(self):
         if self._yolo is None:
             if not self.weights:
                 raise ValueError("no YOLO segmentation weights configured; set decomposers.options.instances.weights "
@@ -235,8 +257,10 @@ class InstancesDecomposer(Decomposer):
         b, _, h, w = images.shape
         x = F.interpolate(images.float(), size=(self.image_size, self.image_size), mode="bilinear",
                           align_corners=False, antialias=True).clamp(0, 1)
-        results = self.yolo().predict(x, conf=self.confidence, verbose=False, retina_masks=True,
-                                      imgsz=self.image_size, device=str(images.device))
+        model = self.yolo()
+        with keep_threads():  # ultralytics' device selection would leave this process on one thread
+            results = model.predict(x, conf=self.confidence, verbose=False, retina_masks=True,
+                                    imgsz=self.image_size, device=str(images.device))
         ids = torch.zeros(b, 1, self.image_size, self.image_size, dtype=torch.long)
         cls_map = torch.zeros_like(ids)
         for i, result in enumerate(results):

@@ -115,3 +115,23 @@ def test_the_tiny_preset_trains_on_the_estimators_when_shards_carry_no_ground_tr
     assert summary["step"] == 1 and summary["skipped_steps"] == 0
     files = {p.name for p in (tmp_path / "run" / "pipeline" / "decomposers" / "files").iterdir()}
     assert any("depth" in name for name in files) and any(name.endswith(".safetensors") and "yolo" in name for name in files)
+
+
+def test_running_yolo_leaves_the_process_threads_alone():
+    """ultralytics' device selection calls torch.set_num_threads(cores - 1) and its import sets OMP_NUM_THREADS:
+    after the instances decomposer ran, a 2-core process used to sample and train on one thread."""
+    import os
+
+    import torch
+
+    from decomposers.folder import load_decomposers
+
+    before, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(2)
+    try:
+        decomposers = load_decomposers(DEMO / "decomposers")
+        decomposers.decompose(torch.rand(1, 3, 64, 64), names=["instances"])
+        assert torch.get_num_threads() == 2
+        assert os.environ.get("OMP_NUM_THREADS") == omp
+    finally:
+        torch.set_num_threads(before)
