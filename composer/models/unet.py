@@ -159,7 +159,7 @@ class ComposerUNet(ModelMixin, ConfigMixin):
         check_state_dict(model, state, directory)
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
         if torch_dtype is not None:
-            model.to(torch_dtype)
+            torch.nn.Module.to(model, torch_dtype)  # diffusers' ModelMixin.to warns about fp32 modules on every cast
         return model.eval()
 
 

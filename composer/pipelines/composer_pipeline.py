@@ -89,6 +89,7 @@ class ComposerPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
+                        dtype: torch.dtype | None = None,
                         load_decomposers: bool = True, trust_pickle: bool = False, sampler: str | None = None,
                         device: torch.device | str | None = None, **kwargs: Any) -> ComposerPipeline:
         """A local folder or a hub id (cached, or fetched where there is a network). ``trust_pickle``: this
@@ -97,8 +98,8 @@ class ComposerPipeline(DiffusionPipeline):
         index = layout.read_index(folder)
         if layout.is_legacy(index):
             pipe = cls(**layout.load_legacy(folder, load_decomposers=load_decomposers, trust_pickle=trust_pickle))
-            if torch_dtype is not None:
-                pipe.unet.to(torch_dtype)
+            if (dtype or torch_dtype) is not None:
+                torch.nn.Module.to(pipe.unet, dtype or torch_dtype)  # ModelMixin.to warns on every cast
         else:
             decomposers = None
             if load_decomposers and layout.has_decomposers(folder):
@@ -106,7 +107,8 @@ class ComposerPipeline(DiffusionPipeline):
 
                 decomposers = load_set(folder / "decomposers", trust_pickle=trust_pickle)
             with _quiet_loading():
-                pipe = super().from_pretrained(folder, torch_dtype=torch_dtype, decomposers=decomposers, **kwargs)
+                pipe = super().from_pretrained(folder, decomposers=decomposers, **_dtype_argument(dtype or torch_dtype),
+                                               **kwargs)
         for module in [pipe.unet] + [stage.unet for stage in pipe.upsamplers]:
             module.eval().requires_grad_(False)
         if sampler is not None:
@@ -395,6 +397,17 @@ class ComposerPipeline(DiffusionPipeline):
             out = torch.where(mask > 0.5, out, image)  # exactly the original outside the mask
         result = _convert(out, output_type)
         return ComposerPipelineOutput(images=result) if return_dict else (result,)
+
+
+def _dtype_argument(dtype: torch.dtype | None) -> dict[str, Any]:
+    """diffusers >= 0.36 calls it ``dtype`` (``torch_dtype`` still works there, with a FutureWarning)."""
+    if dtype is None:
+        return {}
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (present where dtype= is)
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
 
 
 class _quiet_loading:
