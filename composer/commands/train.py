@@ -33,13 +33,6 @@ def run(args: argparse.Namespace) -> int:
     from composer.train.rundir import RunError
 
     cfg = config_from_args(args)
-    from omegaconf import OmegaConf
-
-    from composer.diffusion.schedulers import SampleConfig
-
-    SampleConfig.from_dict(OmegaConf.to_container(cfg.sample, resolve=True))  # a bad sampler fails now, not at the end
-    if int(cfg.train.total_images) < 1:
-        raise ValueError(f"train.total_images must be at least 1 (the images the run trains to), got {cfg.train.total_images}")
     if args.resume is not None:
         cfg.train.resume = args.resume
     if args.output_dir is not None:

@@ -59,6 +59,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Raises RunError (one line) when output_dir is in use by another trainer, holds a run while neither
     --resume nor --overwrite was given, or has no checkpoint fit to resume; nothing in it is changed then."""
     tcfg = cfg.train
+    check_before_training(cfg)
     accelerator = make_accelerator(device=tcfg.device, mixed_precision=tcfg.mixed_precision,
                                    grad_accumulation=tcfg.grad_accumulation, project_dir=str(cfg.output_dir))
     expected = TrainingState(world_size=accelerator.num_processes, batch_size=int(cfg.data.batch_size),
@@ -70,6 +71,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return Trainer(cfg, accelerator, run).run()
     finally:
         run.close()
+
+
+def check_before_training(cfg: DictConfig) -> None:
+    """Settings that would only fail at the end of a run (or make it report a pipeline it never wrote)."""
+    from omegaconf import OmegaConf
+
+    from composer.diffusion.schedulers import SampleConfig
+
+    if int(cfg.train.total_images) < 1:
+        raise ValueError(f"train.total_images must be at least 1 (the images the run trains to), got {cfg.train.total_images}")
+    SampleConfig.from_dict(OmegaConf.to_container(cfg.sample, resolve=True))  # the sampler it will publish with
 
 
 class Trainer:
