@@ -239,3 +239,24 @@ def test_upsample_with_a_stage_folder_scales_the_image_as_it_is(tmp_path):
     assert Image.open(tmp_path / "big.png").size == (64, 96)
     assert main(["upsample", str(tmp_path / "small.png"), "--model", str(tmp_path / "stage"), "--size", "30",
                  "--out", str(tmp_path / "bad.png")]) == 2
+
+
+def test_demo_takes_one_image_of_each_composition_up_the_cascade(tmp_path, capsys):
+    from PIL import Image
+
+    torch.manual_seed(2)
+    decomposers = DecomposerSet(["palette", "sketch"])
+    unet = ComposerUNet(**model_kwargs("tiny", BASE, decomposers.specs())).eval()
+    model = ComposerPipeline(unet, make_scheduler("ddpm", SCHEDULE), decomposers, sampling={"steps": 1})
+    model.add_stage(*tiny_stage("upsampler_256", 256, steps=1))
+    model.save_pretrained(tmp_path / "model")
+    common = ["--num", "8", "--steps", "1", "--model", str(tmp_path / "model"), "--precision", "fp32"]
+    assert main(["demo", "--out", str(tmp_path / "out"), *common]) == 0
+    assert "through the cascade, at 256 px" in capsys.readouterr().out
+    finals = sorted((tmp_path / "out" / "composed-256").glob("*.png"))
+    assert [p.name for p in finals] == ["1-sketch-a-palette-b.png"]  # the only composition these conditions allow
+    assert Image.open(finals[0]).size == (256, 256)
+    assert main(["demo", "--out", str(tmp_path / "small"), *common, "--size", "64"]) == 0
+    assert not (tmp_path / "small" / "composed-256").exists()
+    assert main(["demo", "--out", str(tmp_path / "bad"), *common, "--size", "300"]) == 2
+    assert "--size 300 is not a stage" in capsys.readouterr().err

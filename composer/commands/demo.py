@@ -5,7 +5,8 @@
 3. decompose one scene into its representations (the ones that need no downloaded weights; instances and
    depth come from the scene's ground truth) and write a labelled sheet;
 4. when a trained demo pipeline is available (``--model``, default ``assets/demo-model``), compose new images
-   from conditions taken from two different scenes and write them beside those conditions.
+   from conditions taken from two different scenes and write them beside those conditions; with upsampling
+   stages in the folder, one image of each composition also goes up the cascade to its last size (1024 px).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="a trained pipeline folder for step 4")
     parser.add_argument("--steps", type=positive_int, default=25, help="sampling steps for step 4")
+    parser.add_argument("--size", type=positive_int, default=None,
+                        help="where step 4's cascade stops (default: the folder's last stage, 1024 px for the demo "
+                             "model; 64 skips the upsampling)")
     add_runtime_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -72,7 +76,10 @@ def run(args: argparse.Namespace) -> int:
         from composer.pipelines.demo import compose_from_two_scenes
 
         path = compose_from_two_scenes(model, batch, out, steps=args.steps, seed=args.seed, device=args.device,
-                                       precision=args.precision)
+                                       precision=args.precision, size=args.size)
         print(f"[4/4] composed new images from conditions of two scenes -> {path}")
+        finals = sorted(path.parent.glob("composed-*/*.png"))
+        if finals:
+            print(f"      and through the cascade, at {finals[0].parent.name.split('-')[-1]} px -> {finals[0].parent}/")
     print(f"done in {time.perf_counter() - start:.1f} s; outputs in {out}")
     return 0

@@ -160,7 +160,7 @@ def generate(pipe, run: Run, conditions: Conditions, targets: Targets, settings:
         edit = {"image": targets.sources[index], "mask": targets.mask[index]} if run.edit else {}
         out = pipe(run_conditions(run, conditions, index, count), num_inference_steps=settings.steps,
                    guidance_scale=settings.guidance_scale, generator=generators, output_type="pt",
-                   precision=settings.precision, progress=False, **edit).images
+                   precision=settings.precision, progress=False, size=pipe.sizes()[0], **edit).images
         parts.append(out.float().cpu())
         progress.update(len(index))
     return torch.cat(parts)

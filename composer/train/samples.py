@@ -105,7 +105,8 @@ def sample_grid(pipeline_dir: str | Path, batch: dict | None, images_seen: int, 
     rows = []
     for label, names in condition_subsets(pipe.decomposers.names):
         generators = [torch.Generator().manual_seed(1000 + i) for i in range(images.shape[0])]
-        rows.append((label, pipe(conditions.subset(names), generator=generators, output_type="pt", progress=False).images))
+        rows.append((label, pipe(conditions.subset(names), generator=generators, output_type="pt", progress=False,
+                                   size=pipe.sizes()[0]).images))
     grid = compose_grid(images.cpu(), rows)
     path = save_grid(grid, out or pipeline_dir.parent / "samples" / f"grid-{images_seen:012d}.png")
     return path, grid
