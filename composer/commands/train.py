@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         if error.quiet:  # another rank under accelerate: the main process says why, once
             return 2
         raise
+    published = {"upsampler": "EMA stage", "ldznet": "LD-ZNet component"}.get(cfg.train.stage, "EMA pipeline")
     print(f"trained to {summary['images_seen']} images ({summary['step']} steps, last loss {summary['last_loss']:.4f}, "
-          f"{summary['skipped_steps']} skipped steps); EMA {'stage' if cfg.train.stage == 'upsampler' else 'pipeline'}: "
-          f"{summary['pipeline']}")
+          f"{summary['skipped_steps']} skipped steps); {published}: {summary['pipeline']}")
     return 0

@@ -30,6 +30,9 @@ INDEX_NAME = "model_index.json"
 STAGING_MARK = ".tmp-"  # FINAL.tmp-PID-MS: a folder being written
 RETIRED_MARK = ".old"  # FINAL.old: the previous folder, between the two renames of a swap
 STAGE_NAME = "stage.json"  # a stage folder's settings (its entry of model_index.json's ``stages``)
+# Component folders not listed in model_index.json (diffusers ignores them), kept when a pipeline is re-saved:
+# ldznet/ (composer.ldznet.segmenter; it checks on load that it still fits the folder's base).
+EXTRA_COMPONENTS = ("ldznet",)
 
 
 def base_stage(resolution: int) -> dict[str, Any]:
@@ -146,12 +149,16 @@ def has_decomposers(folder: Path) -> bool:
 # --- writing -----------------------------------------------------------------------------------------------
 
 def publish(pipe: Any, final: str | os.PathLike, **save_kwargs: Any) -> Path:
-    """Write ``pipe`` to ``final`` atomically: into a staging folder beside it, then swapped in."""
+    """Write ``pipe`` to ``final`` atomically: into a staging folder beside it, then swapped in. Folders of
+    EXTRA_COMPONENTS that the old ``final`` had and ``pipe`` does not write are carried over."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.with_name(f"{final.name}{STAGING_MARK}{os.getpid()}-{int(time.time() * 1000)}")
     try:
         pipe.save_pretrained(staging, **save_kwargs)
+        for name in EXTRA_COMPONENTS:
+            if (final / name).is_dir() and not (staging / name).exists():
+                shutil.copytree(final / name, staging / name)
         swap_in(staging, final)
     finally:
         if staging.exists():

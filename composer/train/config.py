@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from composer.ldznet.config import LDZNetConfig
 from upsamplers.config import UpsamplerConfig
 
-STAGES = ("base", "upsampler")
+STAGES = ("base", "upsampler", "ldznet")
 
 
 @dataclass
@@ -15,8 +16,11 @@ class TrainConfig:
     # What the run trains: "base" (the 64 px model on decomposed conditions) or "upsampler" (a cascade stage
     # on crops, its low-res input made from each crop; see the ``upsampler`` section and upsamplers/config.py).
     # An upsampler run publishes a stage folder (output_dir/stage) that layout.attach_stage adds to a pipeline.
+    # "ldznet": LD-ZNet's segmentation network on a frozen base's features (the ``ldznet`` section; its own loop,
+    # composer.ldznet.train), published as output_dir/ldznet, which composer.ldznet.segmenter attaches.
     stage: str = "base"
     upsampler: UpsamplerConfig = field(default_factory=UpsamplerConfig)
+    ldznet: LDZNetConfig = field(default_factory=LDZNetConfig)
     lr: float = 2e-4  # peak AdamW learning rate
     weight_decay: float = 0.01
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

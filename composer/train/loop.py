@@ -58,6 +58,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Run (or resume) training as configured; returns a summary (images seen, last loss, paths).
     Raises RunError (one line) when output_dir is in use by another trainer, holds a run while neither
     --resume nor --overwrite was given, or has no checkpoint fit to resume; nothing in it is changed then."""
+    if str(cfg.train.stage) == "ldznet":  # a segmentation network on a frozen base: a loop of its own
+        from composer.ldznet.train import train_ldznet
+
+        return train_ldznet(cfg)
     tcfg = cfg.train
     check_before_training(cfg)
     accelerator = make_accelerator(device=tcfg.device, mixed_precision=tcfg.mixed_precision,

@@ -41,7 +41,7 @@ from composer.train.checkpoint import (
 )
 
 LOCK_FILE = "train.lock"
-RUN_FILES = ("config.yaml", "losses.csv", "run_summary.json", "pipeline", "stage", "checkpoints", "samples",
+RUN_FILES = ("config.yaml", "losses.csv", "run_summary.json", "pipeline", "stage", "ldznet", "checkpoints", "samples",
              "tensorboard")
 
 
