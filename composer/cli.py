@@ -27,6 +27,8 @@ COMMANDS = (
     "precompute",
     "generate",
     "upsample",
+    "attribute",
+    "mask",
     "train",
     "segment",
     "concepts",

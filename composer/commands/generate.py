@@ -55,7 +55,17 @@ def register(subparsers) -> None:
                                  description="Region edit: pixels outside --mask are returned unchanged.")
     _add_condition_arguments(edit)
     edit.add_argument("--image", required=True, help="the image to edit")
-    edit.add_argument("--mask", required=True, help="mask image: white = region to regenerate")
+    region = edit.add_mutually_exclusive_group(required=True)
+    region.add_argument("--mask", default=None, help="mask image: white = region to regenerate")
+    region.add_argument("--mask-phrase", default=None, metavar="TEXT", dest="mask_phrase",
+                        help='regenerate the region this phrase names, e.g. "the red striped star" (the folder\'s '
+                        "trained LD-ZNet segmenter when it has one, else the zero-shot phrase map; see `mask`)")
+    edit.add_argument("--mask-caption", default=None, metavar="TEXT",
+                      help="with --mask-phrase: the image's caption holding the phrase (default: the phrase alone)")
+    edit.add_argument("--save-mask", default=None, metavar="PNG", help="also write the mask the edit used")
+    from composer.commands.mask import add_phrase_mask_arguments
+
+    add_phrase_mask_arguments(edit, seed=False)
     edit.set_defaults(func=run_edit)
 
 
@@ -118,7 +128,7 @@ def _conditions(pipe, args):
     return Conditions(values), images, captions, away
 
 
-def _run(args, image=None, mask=None, masking_image=None) -> int:
+def _run(args, image=None, mask=None, masking_image=None, pipe=None) -> int:
     import torch
 
     from composer.imageio import labelled_row, save_image
@@ -126,7 +136,7 @@ def _run(args, image=None, mask=None, masking_image=None) -> int:
 
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
-    pipe = ComposerPipeline.from_pretrained(args.model, device=args.device)
+    pipe = pipe or ComposerPipeline.from_pretrained(args.model, device=args.device)
     conditions, images, captions, away = _conditions(pipe, args)
     if masking_image is not None:  # generate: the masking condition without a pixel-exact paste-back
         size = int(pipe.unet.config.sample_size)
@@ -177,8 +187,33 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_edit(args: argparse.Namespace) -> int:
     from composer.imageio import load_image, load_mask
 
+    if args.mask_phrase is not None:
+        return _edit_by_phrase(args)
     image = load_image(args.image, what="--image")
     mask = load_mask(args.mask, what="--mask")
     if mask.shape[-2:] != image.shape[-2:]:
         raise ValueError(f"--mask is {tuple(mask.shape[-2:])} pixels but --image is {tuple(image.shape[-2:])}")
+    if args.save_mask:
+        from composer.commands.mask import save_mask
+
+        save_mask(mask, args.save_mask)
     return _run(args, image=image, mask=mask)
+
+
+def _edit_by_phrase(args: argparse.Namespace) -> int:
+    """edit --mask-phrase: the mask from the phrase (see `mask`), then the same region edit."""
+    from composer.commands.mask import phrase_mask_for, save_mask
+    from composer.imageio import load_image
+    from composer.ldznet.zeroshot import check_phrase
+    from composer.pipelines.composer_pipeline import ComposerPipeline
+
+    check_phrase(args.mask_phrase)  # an empty phrase fails before anything loads
+    if args.mask_caption is not None and not args.mask_caption.strip():
+        raise ValueError("--mask-caption is empty; give the image's caption, or leave --mask-caption out")
+    image = load_image(args.image, what="--image")
+    pipe = ComposerPipeline.from_pretrained(args.model, device=args.device)
+    mask, source, _ = phrase_mask_for(pipe, args.model, image, args.mask_phrase, args.mask_caption, args)
+    print(f"mask of {args.mask_phrase!r} from {source}: {float(mask.mean()):.1%} of the image")
+    if args.save_mask:
+        save_mask(mask, args.save_mask)
+    return _run(args, image=image, mask=mask, pipe=pipe)
