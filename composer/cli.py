@@ -34,6 +34,7 @@ COMMANDS = (
     "concepts",
     "evaluate_slots",
     "evaluate",
+    "evaluate_cascade",
 )
 
 
