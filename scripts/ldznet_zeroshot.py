@@ -5,7 +5,9 @@
 For every object of every scene (composer.data.scenes.generate_scene(seed, i, 64)), its phrase (the scene graph's
 "a large red striped star", the words the caption names it with) is turned into a map by
 composer.ldznet.zeroshot.phrase_maps, in two modes: inside the scene's caption ("caption": the caption against the
-caption without the phrase) and alone ("phrase alone": the phrase as the caption against no caption). Each map
+caption without the phrase, made by masking the phrase's word tokens and re-encoding the sentence, or by
+re-encoding the whole caption without the phrase) and alone ("phrase alone": the phrase as the caption against no
+caption). Each map
 is smoothed (0 or 1 px sigma), averaged over a set of noise levels, normalised and thresholded by a rule; the
 IoU of the mask with the object's ground-truth instance mask (the union of the objects the same phrase names) is
 averaged over all phrases (mIoU). All levels are computed once per scene with the same noise, so the rows differ
@@ -22,10 +24,13 @@ from pathlib import Path
 
 import torch
 
-LEVEL_SETS = {"100-300": (100, 200, 300), "300-500": (300, 400, 500), "500-700": (500, 600, 700)}
-THRESHOLDS = ("otsu", 0.3, 0.5)
+LEVEL_SETS = {"100-300": (100, 200, 300), "300-500": (300, 400, 500), "500-700": (500, 600, 700),
+              "300-700": (300, 400, 500, 600, 700)}
+THRESHOLDS = ("otsu", 0.5, 0.6, 0.7)
 SMOOTHS = (0.0, 1.0)
-MODES = ("caption", "phrase alone")
+# mode -> (with the scene's caption?, how the caption without the phrase is made)
+MODES = {"caption, tokens masked": (True, "mask"), "caption, re-encoded": (True, "reencode"),
+         "phrase alone": (False, "mask")}
 
 
 def iou(mask: torch.Tensor, truth: torch.Tensor) -> float:
@@ -33,7 +38,8 @@ def iou(mask: torch.Tensor, truth: torch.Tensor) -> float:
     return (mask & truth).sum().item() / union if union else 1.0
 
 
-def measure(model: str, scenes: int, seed: int, draws: int, precision: str, size: int = 64) -> tuple[dict, dict, int]:
+def measure(model: str, scenes: int, seed: int, draws: int, precision: str, first: int = 0,
+            size: int = 64) -> tuple[dict, dict, int]:
     from composer.data.scenes import _object_phrase, generate_scene
     from composer.ldznet.zeroshot import phrase_maps, smooth_map, threshold_map
     from composer.pipelines import ComposerPipeline
@@ -43,7 +49,7 @@ def measure(model: str, scenes: int, seed: int, draws: int, precision: str, size
     scores: dict[tuple, list[float]] = {}
     references: dict[str, list[float]] = {"whole image": [], "all objects (ground truth)": []}
     count = 0
-    for index in range(scenes):
+    for index in range(first, first + scenes):
         scene = generate_scene(seed, index, size)
         image = torch.from_numpy(scene.image).permute(2, 0, 1)[None]
         instances = torch.from_numpy(scene.instances)
@@ -56,10 +62,11 @@ def measure(model: str, scenes: int, seed: int, draws: int, precision: str, size
             references["whole image"].append(iou(torch.ones_like(truth), truth))
             references["all objects (ground truth)"].append(iou(foreground, truth))
         count += len(phrases)
-        for mode in MODES:
-            generator = torch.Generator().manual_seed(seed * 1000 + index)  # the same noise for both modes
-            maps = phrase_maps(pipe, image, phrases, scene.caption if mode == "caption" else None, timesteps=levels,
-                               draws=draws, smooth=0.0, generator=generator, precision=precision, per_level=True)
+        for mode, (with_caption, removal) in MODES.items():
+            generator = torch.Generator().manual_seed(seed * 1000 + index)  # the same noise for every mode
+            maps = phrase_maps(pipe, image, phrases, scene.caption if with_caption else None, timesteps=levels,
+                               draws=draws, smooth=0.0, generator=generator, precision=precision, per_level=True,
+                               removal=removal)
             for (name, chosen), smooth in itertools.product(LEVEL_SETS.items(), SMOOTHS):
                 rows = [levels.index(t) for t in chosen]
                 for p, truth in enumerate(truths):
@@ -67,7 +74,7 @@ def measure(model: str, scenes: int, seed: int, draws: int, precision: str, size
                     for rule in THRESHOLDS:
                         mask = threshold_map(heat, rule)[0, 0]
                         scores.setdefault((mode, name, smooth, rule), []).append(iou(mask, truth))
-        print(f"scene {index + 1}/{scenes}: {len(phrases)} phrases", file=sys.stderr, flush=True)
+        print(f"scene {index + 1 - first}/{scenes}: {len(phrases)} phrases", file=sys.stderr, flush=True)
     return scores, references, count
 
 
@@ -86,15 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "assets" / "demo-model"))
     parser.add_argument("--scenes", type=int, default=32)
+    parser.add_argument("--first", type=int, default=0, help="index of the first scene (default 0)")
     parser.add_argument("--seed", type=int, default=99, help="scene seed (99: held out from the demo's training)")
     parser.add_argument("--draws", type=int, default=2, help="noise draws per level")
-    parser.add_argument("--precision", default="fp32", help="fp32 or bf16")
+    parser.add_argument("--precision", default="bf16",
+                        help="bf16 (default; on 10 scenes it gave the mIoU of fp32 within 0.003, at 2.4x the speed) or fp32")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.time()
-    scores, references, count = measure(args.model, args.scenes, args.seed, args.draws, args.precision)
+    scores, references, count = measure(args.model, args.scenes, args.seed, args.draws, args.precision, args.first)
     print(table(scores, references, count))
-    print(f"\n{args.scenes} scenes of seed {args.seed}, {args.draws} draws per level, {args.precision}: "
+    print(f"\nscenes {args.first}-{args.first + args.scenes - 1} of seed {args.seed}, {args.draws} draws per level, "
+          f"{args.precision}: "
           f"{time.time() - start:.0f} s")
     return 0
 

@@ -76,7 +76,7 @@ def test_a_condition_the_model_cannot_see_has_a_zero_map(pipe, files):
     with torch.no_grad():
         for parameter in zeroed.unet.local_adapter.stacks["sketch"].parameters():
             parameter.zero_()  # the sketch adapter outputs 0: the model cannot see the sketch
-    options = dict(timesteps=(300, 500), draws=2)
+    options = dict(timesteps=(400,), draws=2)
     maps = attribution_maps(zeroed, image, captions="a red star", generator=torch.Generator().manual_seed(0), **options)
     assert set(maps) == {"palette", "sketch", "intensity", "caption"}
     assert maps["sketch"].shape == (1, 1, 64, 64)
@@ -118,9 +118,10 @@ def test_maps_are_in_eps_units_whatever_the_prediction_type(pipe, files, predict
 
 def test_batched_branches_equal_separate_forwards(pipe, files):
     image = _image(files)
-    kwargs = dict(timesteps=(200, 400, 600), draws=2)
+    kwargs = dict(timesteps=(200, 600), draws=2)
     one = attribution_maps(pipe, image, generator=torch.Generator().manual_seed(3), **kwargs)
-    chunked = attribution_maps(pipe, image, generator=torch.Generator().manual_seed(3), max_batch=1, **kwargs)
+    # 20 (level, draw, branch) samples in forwards of 3: chunks that cut across the (level, draw) groups
+    chunked = attribution_maps(pipe, image, generator=torch.Generator().manual_seed(3), max_batch=3, **kwargs)
     for name in one:
         torch.testing.assert_close(one[name], chunked[name], rtol=1e-4, atol=1e-6)
 
@@ -132,13 +133,23 @@ def test_phrase_tokens_and_removal(pipe):
     assert remove_phrase(CAPTION, "A small  blue solid circle") == (
         "a large red striped star at the top left and at the center on a beige background")
     assert remove_phrase("a red star", "a red star") == ""
+    assert remove_phrase(CAPTION, "the large red striped star") == remove_phrase(CAPTION, "a large red striped star")
+    assert phrase_positions(tokenizer, CAPTION, "the large red striped star", 32).equal(positions)
+    with pytest.raises(ValueError, match="not in the caption"):
+        remove_phrase(CAPTION, "red star")  # not contiguous words of the caption
     with pytest.raises(ValueError, match="not in the caption"):
         phrase_positions(tokenizer, CAPTION, "a green heart", 32)
     full = pipe.decompose({}, [CAPTION])
-    without = without_phrase(pipe, [CAPTION], full, "a small blue solid circle")
+    without = without_phrase(pipe, [CAPTION], full, "a small blue solid circle", removal="mask")
     mask = without["caption"]["words_mask"][0]
     assert int(full["caption"]["words_mask"][0].sum() - mask.sum()) == 5
     assert not torch.allclose(without["caption"]["sentence"], full["caption"]["sentence"])
+    assert torch.equal(without["caption"]["words"][0, mask], full["caption"]["words"][0, mask])  # the rest is kept
+    rest = pipe.decompose({}, [remove_phrase(CAPTION, "a small blue solid circle")])
+    reencoded = without_phrase(pipe, [CAPTION], full, "a small blue solid circle", removal="reencode")
+    torch.testing.assert_close(reencoded["caption"]["sentence"], without["caption"]["sentence"])
+    assert torch.equal(reencoded["caption"]["words"], rest["caption"]["words"])
+    assert bool(without_phrase(pipe, ["a red star"], pipe.decompose({}, ["a red star"]), "the red star").keep("caption")) is False
 
 
 def test_phrase_map_and_mask(pipe, files):
@@ -214,3 +225,35 @@ def test_edit_takes_one_mask_source(files, capsys):
         main(["edit", "--model", str(files / "model"), "--image", str(files / "scene0.png"), "--mask",
               str(files / "scene0.png"), "--mask-phrase", "a star", "--out", str(files / "x.png")])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_edit_by_phrase_uses_the_folders_trained_segmenter(files, capsys, monkeypatch):
+    import composer.ldznet.segmenter as segmenter_module
+
+    class Box:
+        """A stand-in for a trained segmenter: the top-left quarter, whatever the phrase."""
+
+        def __init__(self):
+            self.phrases = []
+
+        def predict(self, images, phrases):
+            self.phrases += list(phrases)
+            out = torch.zeros(images.shape[0], 1, *images.shape[-2:])
+            out[..., : images.shape[-2] // 2, : images.shape[-1] // 2] = 0.9
+            return out
+
+    box = Box()
+    monkeypatch.setattr(segmenter_module, "load_segmenter", lambda folder, **_: box)
+    model, scene, out = str(files / "model"), str(files / "scene0.png"), files / "seg-edit.png"
+    assert main(["edit", "--model", model, "--image", scene, "--mask-phrase", "the red star", "--palette",
+                 str(files / "scene1.png"), "--steps", "2", "--save-mask", str(files / "seg.png"), "--out", str(out)]) == 0
+    assert "trained LD-ZNet segmenter" in capsys.readouterr().out and box.phrases == ["the red star"]
+    used = np.asarray(Image.open(files / "seg.png").convert("L")) > 127
+    assert used[:32, :32].all() and not used[32:].any() and not used[:, 32:].any()
+    edited = np.asarray(Image.open(out)).astype(int)
+    original = np.asarray(Image.open(scene).convert("RGB")).astype(int)
+    assert np.abs(edited - original)[~used].max() == 0 and np.abs(edited - original)[used].mean() > 5
+    # --zero-shot ignores the segmenter
+    assert main(["mask", "--model", model, "--image", scene, "--phrase", "a red star", "--zero-shot", "--draws", "1",
+                 "--out", str(files / "zs.png")]) == 0
+    assert "zero-shot" in capsys.readouterr().out and box.phrases == ["the red star"]

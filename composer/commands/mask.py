@@ -37,7 +37,7 @@ def add_phrase_mask_arguments(parser: argparse.ArgumentParser, seed: bool = True
     """--threshold, --smooth, --zero-shot, --timesteps, --draws (and --seed): how a phrase becomes a mask (shared
     with `edit --mask-phrase`, whose --seed is the generation's)."""
     from composer.commands.attribute import add_level_arguments
-    from composer.ldznet.zeroshot import DEFAULT_SMOOTH, DEFAULT_THRESHOLD
+    from composer.ldznet.zeroshot import DEFAULT_REMOVAL, DEFAULT_SMOOTH, DEFAULT_THRESHOLD, REMOVALS
 
     add_level_arguments(parser, seed=seed)
     parser.add_argument("--threshold", default=str(DEFAULT_THRESHOLD), metavar="otsu|F",
@@ -45,6 +45,10 @@ def add_phrase_mask_arguments(parser: argparse.ArgumentParser, seed: bool = True
                         f"(default {DEFAULT_THRESHOLD})")
     parser.add_argument("--smooth", type=float, default=DEFAULT_SMOOTH, metavar="SIGMA",
                         help=f"zero-shot: Gaussian blur of the map in model pixels (default {DEFAULT_SMOOTH:g}; 0 = none)")
+    parser.add_argument("--removal", choices=REMOVALS, default=DEFAULT_REMOVAL,
+                        help="zero-shot, with a caption: the caption without the phrase has the phrase's word tokens "
+                        "masked and its sentence re-encoded (mask), or is re-encoded whole (reencode) "
+                        f"(default {DEFAULT_REMOVAL})")
     parser.add_argument("--zero-shot", action="store_true", dest="zero_shot",
                         help="use the zero-shot map even when the folder has a trained LD-ZNet segmenter")
 
@@ -75,9 +79,11 @@ def phrase_mask_for(pipe: Any, folder: str, image, phrase: str, caption: str | N
                              "probability 0.5); try other words, --zero-shot, or draw a --mask")
         return mask, "the trained LD-ZNet segmenter (probability >= 0.5)", probabilities
     heat = phrase_map(pipe, image, phrase, caption, timesteps=args.timesteps, draws=args.draws, smooth=args.smooth,
-                      generator=torch.Generator().manual_seed(args.seed), precision=map_precision(args))
+                      removal=args.removal,
+                      generator=torch.Generator().manual_seed(args.seed), precision=map_precision(args, pipe))
     how = f"threshold {rule}" if rule == "otsu" else f"threshold {rule:g} of the maximum"
-    source = f"the zero-shot phrase map ({'inside the caption' if caption else 'the phrase alone'}, {how})"
+    where = f"inside the caption, {args.removal}" if caption else "the phrase alone"
+    source = f"the zero-shot phrase map ({where}, {how})"
     return threshold_map(heat, rule).float(), source, heat
 
 

@@ -63,24 +63,24 @@ def prediction_differences(denoiser: Denoiser, image: torch.Tensor, branches: Se
     x0 = image.float() * 2 - 1
     noise = torch.randn((len(levels), int(draws), *x0.shape), generator=generator).to(device)
     level_of = torch.tensor(levels, device=device)
-    x_t = torch.stack([torch.stack([denoiser.add_noise(x0, noise[l, d], level_of[l].expand(batch))
-                                    for d in range(int(draws))]) for l in range(len(levels))])
+    x_t = torch.stack([torch.stack([denoiser.add_noise(x0, noise[i, d], level_of[i].expand(batch))
+                                    for d in range(int(draws))]) for i in range(len(levels))])
     # 3. Every (level, draw, branch) through the UNet; a chunk holds whole (level, draw) groups where it can
-    jobs = [(l, d, k) for l in range(len(levels)) for d in range(int(draws)) for k in range(len(branches))]
+    jobs = [(i, d, k) for i in range(len(levels)) for d in range(int(draws)) for k in range(len(branches))]
     per_forward = max(1, int(max_batch) // batch)
     if per_forward >= len(branches):
         per_forward -= per_forward % len(branches)
     eps = torch.empty(len(levels), int(draws), len(branches), *x0.shape, device=device)
     for start in range(0, len(jobs), per_forward):
         chunk = jobs[start : start + per_forward]
-        sample = torch.cat([x_t[l, d] for l, d, _ in chunk])
-        t = torch.cat([level_of[l].expand(batch) for l, _, _ in chunk])
+        sample = torch.cat([x_t[i, d] for i, d, _ in chunk])
+        t = torch.cat([level_of[i].expand(batch) for i, _, _ in chunk])
         conditions = Conditions.cat([branches[k] for _, _, k in chunk])
         with torch.no_grad(), autocast(precision, device):
             prediction = denoiser(sample, t, conditions)
         predicted_eps = denoiser.convert(sample.float(), t, prediction.float(), to="epsilon")
-        for (l, d, k), part in zip(chunk, predicted_eps.split(batch)):
-            eps[l, d, k] = part
+        for (i, d, k), part in zip(chunk, predicted_eps.split(batch)):
+            eps[i, d, k] = part
     # 4. The differences, mean over channels then draws
     diffs = torch.stack([(eps[:, :, i] - eps[:, :, j]).abs().mean(dim=-3, keepdim=True) for i, j in pairs])
     diffs = diffs.mean(dim=2)  # (P, L, B, 1, h, w)
