@@ -159,6 +159,14 @@ def test_phrase_map_and_mask(pipe, files):
     assert heat.shape == (1, 1, 64, 64) and float(heat.min()) >= 0 and float(heat.max()) > 0
     alone = phrase_mask(pipe, image, "a large red striped star", threshold=0.5, timesteps=(300,), draws=1)
     assert alone.dtype == torch.bool and alone.shape == (1, 1, 64, 64) and alone.any() and not alone.all()
+    # default rules: 0.6 of the maximum inside a caption, Otsu's for the phrase alone
+    inside = phrase_mask(pipe, image, "a large red striped star", CAPTION, timesteps=(300, 500), draws=1,
+                         generator=torch.Generator().manual_seed(0))
+    assert torch.equal(inside, threshold_map(heat, 0.6))
+    heat_alone = phrase_map(pipe, image, "a large red striped star", timesteps=(300,), draws=1,
+                            generator=torch.Generator().manual_seed(0))
+    assert torch.equal(phrase_mask(pipe, image, "a large red striped star", timesteps=(300,), draws=1,
+                                   generator=torch.Generator().manual_seed(0)), threshold_map(heat_alone, "otsu"))
     values = torch.arange(16.0).reshape(1, 1, 4, 4)
     assert int(threshold_map(values, 0.5).sum()) == 8  # 8..15 are at least half of 15
     assert int(threshold_map(torch.cat([torch.zeros(1, 1, 4, 2), torch.ones(1, 1, 4, 2)], -1), "otsu").sum()) == 8

@@ -37,12 +37,18 @@ def add_phrase_mask_arguments(parser: argparse.ArgumentParser, seed: bool = True
     """--threshold, --smooth, --zero-shot, --timesteps, --draws (and --seed): how a phrase becomes a mask (shared
     with `edit --mask-phrase`, whose --seed is the generation's)."""
     from composer.commands.attribute import add_level_arguments
-    from composer.ldznet.zeroshot import DEFAULT_REMOVAL, DEFAULT_SMOOTH, DEFAULT_THRESHOLD, REMOVALS
+    from composer.ldznet.zeroshot import (
+        DEFAULT_REMOVAL,
+        DEFAULT_SMOOTH,
+        DEFAULT_THRESHOLD,
+        DEFAULT_THRESHOLD_ALONE,
+        REMOVALS,
+    )
 
     add_level_arguments(parser, seed=seed)
-    parser.add_argument("--threshold", default=str(DEFAULT_THRESHOLD), metavar="otsu|F",
-                        help=f"zero-shot rule: otsu, or a fraction of the map's maximum such as 0.5 "
-                        f"(default {DEFAULT_THRESHOLD})")
+    parser.add_argument("--threshold", default=None, metavar="otsu|F",
+                        help=f"zero-shot rule: otsu, or a fraction of the map's maximum such as 0.5 (default "
+                        f"{DEFAULT_THRESHOLD} with a caption, {DEFAULT_THRESHOLD_ALONE} for the phrase alone)")
     parser.add_argument("--smooth", type=float, default=DEFAULT_SMOOTH, metavar="SIGMA",
                         help=f"zero-shot: Gaussian blur of the map in model pixels (default {DEFAULT_SMOOTH:g}; 0 = none)")
     parser.add_argument("--removal", choices=REMOVALS, default=DEFAULT_REMOVAL,
@@ -61,10 +67,16 @@ def phrase_mask_for(pipe: Any, folder: str, image, phrase: str, caption: str | N
     import torch
 
     from composer.commands.attribute import map_precision
-    from composer.ldznet.zeroshot import check_phrase, parse_threshold, phrase_map, threshold_map
+    from composer.ldznet.zeroshot import (
+        check_phrase,
+        default_threshold,
+        parse_threshold,
+        phrase_map,
+        threshold_map,
+    )
 
     phrase = check_phrase(phrase)
-    rule = parse_threshold(args.threshold)
+    rule = parse_threshold(default_threshold(caption) if args.threshold is None else args.threshold)
     if args.smooth < 0:
         raise ValueError(f"--smooth must be >= 0 pixels, got {args.smooth}")
     segmenter = None if args.zero_shot else _segmenter(folder, args)
