@@ -260,3 +260,31 @@ def test_demo_takes_one_image_of_each_composition_up_the_cascade(tmp_path, capsy
     assert not (tmp_path / "small" / "composed-256").exists()
     assert main(["demo", "--out", str(tmp_path / "bad"), *common, "--size", "300"]) == 2
     assert "--size 300 is not a stage" in capsys.readouterr().err
+
+
+def test_a_residual_stage_adds_the_bicubic_upsampling_back_and_trains_on_the_difference():
+    """target "residual": x0 = image - bicubic(low-res). A network predicting x0 = 0 returns the bicubic
+    upsampling exactly; the same network as an "image" stage returns mid-grey; the training target is the
+    crop minus the clean upsampling of its own low-res input."""
+    from upsamplers.conditions import lowres_base
+    from upsamplers.config import UpsamplerConfig
+    from upsamplers.training import UpsamplerConditioner
+
+    unet, scheduler, _ = tiny_stage("upsampler_256", 256)
+    torch.nn.init.zeros_(unet.unet.conv_out.weight)
+    torch.nn.init.zeros_(unet.unet.conv_out.bias)
+    small = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    bicubic = (lowres_base(small, (256, 256)) + 1) / 2
+    for target, expected in (("residual", bicubic), ("image", torch.full_like(bicubic, 0.5))):
+        settings = StageSettings("upsampler_256", 256, steps=3, prediction_type="sample", target=target)
+        out = UpsamplerStage(unet, scheduler, settings).upsample(small, generator=generators(1)[0])
+        assert torch.allclose(out, expected, atol=1e-5), target
+    with pytest.raises(ValueError, match="target must be one of"):
+        StageSettings.from_entry({"name": "upsampler_256", "target": "residue"})
+
+    conditioner = UpsamplerConditioner(UpsamplerConfig(target="residual", degrade=DegradeConfig(blur_p=0, noise_p=0, jpeg_p=0)))
+    crops = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    denoiser = UpsamplerStage(*tiny_stage("upsampler_256", 256)).denoiser
+    conditioner(crops, torch.Generator().manual_seed(2), denoiser)
+    low = make_lowres(crops, 4, DegradeConfig(blur_p=0, noise_p=0, jpeg_p=0), torch.Generator().manual_seed(2))
+    assert torch.allclose(conditioner.target(crops * 2 - 1), crops * 2 - 1 - lowres_base(low, (64, 64)), atol=1e-6)

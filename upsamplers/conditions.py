@@ -21,6 +21,7 @@ LOWRES = "lowres"
 LOWRES_LEVEL = "lowres_level"
 ALWAYS = (LOWRES, LOWRES_LEVEL)  # never dropped, kept in every guidance branch
 LEVEL_DIM = 64  # width of the sinusoidal level embedding
+TARGETS = ("image", "residual")  # what a stage's diffusion runs on (see lowres_base)
 
 
 def upsampler_specs(level_dim: int = LEVEL_DIM) -> dict[str, ConditionSpec]:
@@ -46,6 +47,12 @@ def level_timesteps(fraction: float | torch.Tensor, num_train_timesteps: int) ->
     return (fraction * num_train_timesteps).round().clamp(0, num_train_timesteps - 1).long()
 
 
+def lowres_base(lowres: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The clean bicubic upsampling of ``lowres`` (B, 3, h, w) in [0, 1] to ``size``, in [-1, 1] scale: what a
+    "residual" stage's x0 is measured from (x0 = image - base; the stage returns base + x0)."""
+    return resize_map(lowres.float() * 2 - 1, size, "bicubic").clamp(-1, 1)
+
+
 def augmented_lowres(denoiser, lowres: torch.Tensor, size: tuple[int, int], levels: torch.Tensor,
                      noise: torch.Tensor, level_dim: int = LEVEL_DIM) -> Conditions:
     """The upsampler's conditions for a batch.
@@ -55,7 +62,7 @@ def augmented_lowres(denoiser, lowres: torch.Tensor, size: tuple[int, int], leve
     in [-1, 1] scale (noised) and ``lowres_level`` (B, level_dim).
     """
     levels = levels.to(lowres.device).reshape(-1).expand(lowres.shape[0])
-    up = resize_map(lowres.float() * 2 - 1, size, "bicubic").clamp(-1, 1)
+    up = lowres_base(lowres, size)
     noised = denoiser.add_noise(up, noise.to(up.device, up.dtype), levels)
     embedding = level_embedding(levels, level_dim).to(lowres.device)
     return Conditions({LOWRES: noised, LOWRES_LEVEL: embedding})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from upsamplers.conditions import LEVEL_DIM
+from upsamplers.conditions import LEVEL_DIM, TARGETS
 from upsamplers.degrade import DegradeConfig, check_degradations
 
 
@@ -20,6 +20,9 @@ class UpsamplerConfig:
     aug_range: list[float] = field(default_factory=lambda: [0.0, 0.25])  # training augmentation levels, fractions of T
     aug_level: float = 0.1  # the fixed augmentation level at sampling (saved with the stage)
     level_dim: int = LEVEL_DIM  # width of the sinusoidal level embedding
+    # what the diffusion runs on: "image" (x0 = the high-res crop) or "residual" (x0 = the crop minus the
+    # clean bicubic upsampling of its low-res input, as SRDiff does; the stage adds that upsampling back)
+    target: str = "image"
     degrade: DegradeConfig = field(default_factory=DegradeConfig)
 
 
@@ -34,4 +37,6 @@ def check_upsampler(settings: UpsamplerConfig) -> None:
         raise ValueError(f"train.upsampler.scale must be at least 2, got {settings.scale}")
     if int(settings.resolution) % int(settings.scale):
         raise ValueError(f"train.upsampler.resolution {settings.resolution} must divide by the scale {settings.scale}")
+    if str(settings.target) not in TARGETS:
+        raise ValueError(f"train.upsampler.target must be one of {', '.join(TARGETS)}, got {settings.target!r}")
     check_degradations(settings.degrade)

@@ -24,7 +24,8 @@ from composer.diffusion.denoiser import Denoiser, NoiseSchedule
 from composer.diffusion.guidance import Guidance
 from composer.diffusion.sampling import RegionEdit, initial_noise, sample
 from composer.models.adapters import resize_map
-from upsamplers.conditions import ALWAYS, LOWRES, LOWRES_LEVEL, augmented_lowres, level_timesteps
+from upsamplers.conditions import (ALWAYS, LOWRES, LOWRES_LEVEL, TARGETS, augmented_lowres, level_timesteps,
+                                   lowres_base)
 
 KIND = "upsampler"
 
@@ -40,6 +41,7 @@ class StageSettings:
     steps: int = 10  # sampling steps
     guidance_scale: float = 1.0  # the stage is unconditional: 1 is one plain forward
     prediction_type: str = "v_prediction"
+    target: str = "image"  # "residual": the diffusion runs on image - bicubic(low-res) (upsamplers.conditions)
 
     def entry(self) -> dict[str, Any]:
         """The model_index.json ``stages`` entry."""
@@ -49,6 +51,8 @@ class StageSettings:
     def from_entry(cls, entry: Mapping[str, Any]) -> StageSettings:
         known = {k: entry[k] for k in cls.__dataclass_fields__ if k in entry}
         settings = cls(**known)
+        if settings.target not in TARGETS:
+            raise ValueError(f"stage {settings.name!r}: target must be one of {', '.join(TARGETS)}, got {settings.target!r}")
         if int(settings.scale) < 2 or int(settings.steps) < 1 or not 0.0 <= float(settings.aug_level) <= 1.0:
             raise ValueError(f"stage {settings.name!r}: scale >= 2, steps >= 1 and aug_level in [0, 1] are needed, got "
                              f"scale {settings.scale}, steps {settings.steps}, aug_level {settings.aug_level}")
@@ -121,17 +125,19 @@ class UpsamplerStage:
         size = (lowres.shape[-2] * self.settings.scale, lowres.shape[-1] * self.settings.scale)
         shape = (lowres.shape[0], self.unet.config.out_channels, *size)
         conditions = self.conditions(lowres, size, initial_noise(shape, generator, device), aug_level)
-        # 2. The initial noise, and the region edit's hook on it
+        base = lowres_base(lowres, size) if self.settings.target == "residual" else None
+        # 2. The initial noise, and the region edit's hook on it (a residual stage's known region is a residual too)
         noise = initial_noise(shape, generator, device)
         edit = None
         if known is not None or mask is not None:
-            edit = self._edit(known, mask, noise, size)
+            edit = self._edit(known, mask, noise, size, base)
         # 3. The shared sampling loop, the two conditions kept in every guidance branch
         denoiser = self.denoiser
         guided = Guidance(denoiser, scale=self.settings.guidance_scale, always=ALWAYS)
-        return sample(denoiser, scheduler or self.scheduler, noise, conditions,
-                      num_inference_steps=int(steps or self.settings.steps), predict=guided, generator=generator,
-                      edit=edit, on_step_end=on_step_end, progress=progress, autocast=autocast)
+        x0 = sample(denoiser, scheduler or self.scheduler, noise, conditions,
+                    num_inference_steps=int(steps or self.settings.steps), predict=guided, generator=generator,
+                    edit=edit, on_step_end=on_step_end, progress=progress, autocast=autocast)
+        return x0 if base is None else (x0.float() + base).clamp(-1, 1)
 
     def upsample(self, image: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """(B, 3, h, w) in [0, 1] -> (B, 3, scale h, scale w) in [0, 1] (keyword arguments: see ``sample``)."""
@@ -139,13 +145,16 @@ class UpsamplerStage:
 
     @staticmethod
     def _edit(known: torch.Tensor | None, mask: torch.Tensor | None, noise: torch.Tensor,
-              size: tuple[int, int]) -> RegionEdit:
+              size: tuple[int, int], base: torch.Tensor | None = None) -> RegionEdit:
         if known is None or mask is None:
             raise ValueError("a region edit of an upsampling stage needs both known= (the original) and mask=")
         if tuple(known.shape[-2:]) != tuple(size) or tuple(mask.shape[-2:]) != tuple(size):
             raise ValueError(f"the edit's known image {tuple(known.shape[-2:])} and mask {tuple(mask.shape[-2:])} must "
                              f"be at the stage's output size {tuple(size)}")
-        return RegionEdit(known=known.to(noise.device).float() * 2 - 1, mask=mask.to(noise.device).float(), noise=noise)
+        known = known.to(noise.device).float() * 2 - 1
+        if base is not None:
+            known = known - base.to(known.device)
+        return RegionEdit(known=known, mask=mask.to(noise.device).float(), noise=noise)
 
 
 __all__ = ["KIND", "LOWRES", "LOWRES_LEVEL", "StageSettings", "UpsamplerStage", "scheduler_component"]

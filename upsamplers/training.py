@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from composer.conditions import Conditions
-from upsamplers.conditions import augmented_lowres
+from upsamplers.conditions import augmented_lowres, lowres_base
 from upsamplers.config import UpsamplerConfig, check_upsampler
 from upsamplers.degrade import make_lowres
 
@@ -27,6 +27,7 @@ class UpsamplerConditioner:
     def __init__(self, settings: UpsamplerConfig):
         check_upsampler(settings)
         self.settings = settings
+        self.base: torch.Tensor | None = None  # the last batch's clean upsampled low-res (a residual stage's origin)
 
     def levels(self, batch: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
         """(B,) integer augmentation levels drawn uniformly from aug_range (fractions of the schedule)."""
@@ -39,4 +40,14 @@ class UpsamplerConditioner:
         lowres = make_lowres(crops.float().cpu(), int(settings.scale), settings.degrade, generator).to(crops.device)
         levels = self.levels(crops.shape[0], denoiser.schedule.num_train_timesteps, generator).to(crops.device)
         noise = torch.randn(crops.shape, generator=generator).to(crops.device)
+        self.base = lowres_base(lowres, tuple(crops.shape[-2:]))
         return augmented_lowres(denoiser, lowres, tuple(crops.shape[-2:]), levels, noise, int(settings.level_dim))
+
+    def target(self, x0: torch.Tensor) -> torch.Tensor:
+        """The diffusion's x0 for the crops x0 (B, 3, H, W) in [-1, 1] of the last call: the crops themselves,
+        or (target "residual") the crops minus the clean upsampling of their low-res input."""
+        if str(self.settings.target) != "residual":
+            return x0
+        if self.base is None or self.base.shape != x0.shape:
+            raise RuntimeError("UpsamplerConditioner.target needs the conditions of this batch first")
+        return x0 - self.base.to(x0.device, x0.dtype)

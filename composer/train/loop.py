@@ -301,7 +301,8 @@ def publish_ema_stage(module, ema: EMA, cfg: DictConfig, training_config, final:
     up, sample = cfg.train.upsampler, OmegaConf.to_container(cfg.sample, resolve=True)
     settings = StageSettings(name=up.name, resolution=int(up.resolution), scale=int(up.scale),
                              aug_level=float(up.aug_level), steps=int(sample["steps"]),
-                             guidance_scale=float(sample["guidance_scale"]), prediction_type=cfg.train.prediction_type)
+                             guidance_scale=float(sample["guidance_scale"]), prediction_type=cfg.train.prediction_type,
+                             target=str(up.get("target", "image")))
     scheduler = make_scheduler(sample["scheduler"], training_config)
     return layout.write_stage(final, averaged.unet.eval(), scheduler, settings.entry())
 

@@ -64,6 +64,8 @@ class TrainingStep:
         noise = torch.randn(images.shape, generator=generator).to(device)
         timesteps = torch.randint(self.t_low, self.t_high, (images.shape[0],), generator=generator).to(device)
         x0 = images * 2 - 1
+        if self.conditioner is not None and hasattr(self.conditioner, "target"):
+            x0 = self.conditioner.target(x0)  # an upsampler's residual target, or x0 itself
         return {"images": images, "x0": x0, "extras": extras, "generator": generator, "conditions": conditions,
                 "keep": keep, "noise": noise, "timesteps": timesteps, "noisy": self.denoiser.add_noise(x0, noise, timesteps)}
 
