@@ -70,6 +70,22 @@ def score_component(model: str, component: Path, samples) -> dict:
     return scores
 
 
+def score_foreground(samples) -> dict:
+    """A reference that knows where the objects are but not which one: every object's pixels as the mask."""
+    from composer.data.scenes import generate_scene
+    from composer.ldznet.metrics import evaluate_masks
+
+    cache: dict[tuple[int, int], torch.Tensor] = {}
+    masks = []
+    for sample in samples:
+        key = (sample.seed, sample.index)
+        if key not in cache:
+            cache[key] = torch.from_numpy(generate_scene(*key, sample.image.shape[-1]).instances > 0).float()[None]
+        masks.append(cache[key])
+    pending = iter(masks)  # evaluate_masks asks for the samples in order
+    return evaluate_masks(lambda images, phrases: torch.stack([next(pending) for _ in phrases]), samples)
+
+
 def score_zeroshot(model: str, samples) -> dict | None:
     """The zero-shot masks (part A's composer.ldznet.zeroshot) of the same phrases, one batched call per scene."""
     try:
@@ -135,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         write_results(out, args, results)
     for folder in args.extra:
         results[Path(folder).parent.name or folder] = score_component(args.model, Path(folder), samples)
+    results["foreground"] = score_foreground(samples)
     # 3. Zero-shot
     if args.no_zeroshot and "zero-shot" in earlier:
         results["zero-shot"] = earlier["zero-shot"]
@@ -186,8 +203,10 @@ def tables(results: dict, args: argparse.Namespace) -> str:
         lines.append(row(f"(c) diffusion features ({PRESET_BLOCK}, t = {PRESET_TIMESTEP})", chosen))
     if best is not None and best is not chosen:
         lines.append(row(f"best ablation cell ({best['block']}, t = {best['timestep']}; chosen on these scenes)", best))
+    if "foreground" in results:
+        lines.append(row("reference: every object's pixels (knows where objects are, not which)", results["foreground"]))
     for name, r in results.items():
-        if name not in ("zero-shot", "image-only") and not r.get("block"):
+        if name not in ("zero-shot", "image-only", "foreground") and not r.get("block"):
             lines.append(row(f"{name} (a trained component, --extra)", r))
     lines += ["", "Ablation, mIoU (oIoU):", "",
               "| block | " + " | ".join(f"t = {t}" for t in args.timesteps) + " |",

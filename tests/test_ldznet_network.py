@@ -243,7 +243,7 @@ def test_a_phrase_that_fits_two_objects_is_never_made():
 
 def test_train_command_writes_a_component_that_loads_and_resumes(pipeline, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", "--config", "configs/train/ldznet-tiny.yaml", "--out", str(out),
+    args = ["train", "--config", "train/ldznet-tiny", "--out", str(out),
             "--set", f"train.ldznet.base={pipeline}", "--set", f"data.resolution={SIZE}", "--set", "data.batch_size=2",
             "--set", "train.ldznet.widths=[8,16,32]", "--set", "train.ldznet.attention_dim=16",
             "--set", "train.ldznet.heads=2", "--set", "train.ldznet.validation_scenes=2",

@@ -191,6 +191,7 @@ def save_component(final: str | os.PathLike, network: LDZNet, config: dict[str, 
         staging.mkdir()
         state = {k: v.detach().float().contiguous().cpu() for k, v in network.state_dict().items()}
         save_file(state, staging / WEIGHTS_NAME)
+        os.chmod(staging / WEIGHTS_NAME, 0o644)  # safetensors writes through a private temporary file
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         layout.swap_in(staging, final)
     finally:
