@@ -124,7 +124,9 @@ class UpsamplerStage:
                              f"{self.input_multiple}, got {tuple(lowres.shape[-2:])}; resize it with stage.fit")
         size = (lowres.shape[-2] * self.settings.scale, lowres.shape[-1] * self.settings.scale)
         shape = (lowres.shape[0], self.unet.config.out_channels, *size)
-        conditions = self.conditions(lowres, size, initial_noise(shape, generator, device), aug_level)
+        # the augmentation noise has the low-res image's channels (the UNet's output may have more, e.g. variance)
+        lowres_shape = (lowres.shape[0], lowres.shape[1], *size)
+        conditions = self.conditions(lowres, size, initial_noise(lowres_shape, generator, device), aug_level)
         base = lowres_base(lowres, size) if self.settings.target == "residual" else None
         # 2. The initial noise, and the region edit's hook on it (a residual stage's known region is a residual too)
         noise = initial_noise(shape, generator, device)
