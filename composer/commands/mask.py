@@ -10,7 +10,6 @@ phrase is the caption and "without" is no caption. `edit --mask-phrase` makes it
 from __future__ import annotations
 
 import argparse
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -100,20 +99,10 @@ def phrase_mask_for(pipe: Any, folder: str, image, phrase: str, caption: str | N
 
 
 def _segmenter(folder: str, args: argparse.Namespace):
-    """The folder's trained segmenter, or None (no segmenter module in this install, or none in the folder)."""
-    try:
-        from composer.ldznet.segmenter import load_segmenter
-    except ModuleNotFoundError as error:
-        if error.name == "composer.ldznet.segmenter":
-            return None
-        raise
-    options = {}
-    parameters = inspect.signature(load_segmenter).parameters
-    if "device" in parameters:
-        options["device"] = args.device
-    if "precision" in parameters and args.precision:
-        options["precision"] = args.precision
-    return load_segmenter(folder, **options)
+    """The folder's trained LD-ZNet segmenter, or None when the folder has none."""
+    from composer.ldznet.segmenter import load_segmenter
+
+    return load_segmenter(folder, device=args.device, precision=args.precision or "auto")
 
 
 def run(args: argparse.Namespace) -> int:
