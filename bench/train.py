@@ -26,7 +26,7 @@ from composer.data.loader import make_loader  # noqa: E402
 from composer.diffusion.dropout import DropoutPolicy  # noqa: E402
 from composer.models.config import build_model, count_parameters  # noqa: E402
 from composer.train.accelerator import make_accelerator  # noqa: E402
-from composer.train.loop import make_denoiser, make_noise_scheduler, timestep_bounds  # noqa: E402
+from composer.train.loop import apply_memory_format, make_denoiser, make_optimizer, make_noise_scheduler, timestep_bounds  # noqa: E402
 from composer.train.module import TrainingModule  # noqa: E402
 from composer.train.schedule import make_lr_scheduler  # noqa: E402
 from composer.train.step import TrainingStep  # noqa: E402
@@ -41,7 +41,8 @@ def build_step(cfg) -> tuple[TrainingStep, torch.nn.Module]:
     trainable = {n: d for n, d in decomposers.decomposers.items() if getattr(d, "trainable", False)}
     unet = build_model(cfg.model, decomposers.specs())
     module = TrainingModule(unet, trainable).train()
-    optimizer = torch.optim.AdamW(module.parameters(), lr=tcfg.lr)
+    apply_memory_format(module, tcfg.memory_format)
+    optimizer = make_optimizer(module, tcfg, accelerator.device)
     lr_scheduler = make_lr_scheduler(optimizer, images_per_step=int(cfg.data.batch_size), warmup_images=0,
                                      total_images=10**9, schedule="constant", min_factor=1.0)
     module, optimizer, lr_scheduler = accelerator.prepare(module, optimizer, lr_scheduler)

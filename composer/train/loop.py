@@ -47,6 +47,7 @@ from composer.train.state import (
     write_json_atomic,
 )
 from composer.train.step import TrainingStep
+from composer.train.threads import ThreadGovernor
 from composer.train.warmstart import load_initial_weights
 from decomposers.set import DecomposerSet
 from upsamplers.presets import build_upsampler
@@ -121,8 +122,8 @@ class Trainer:
         module = TrainingModule(build_stage_model(cfg, self.decomposers.specs()), trainable)
         module.train()
         init_report = load_initial_weights(module, tcfg.init_from) if tcfg.init_from and not tcfg.resume else None
-        optimizer = torch.optim.AdamW(module.parameters(), lr=tcfg.lr, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps,
-                                      weight_decay=tcfg.weight_decay)
+        apply_memory_format(module, tcfg.memory_format)
+        optimizer = make_optimizer(module, tcfg, accelerator.device)
         self.state = TrainingState(world_size=accelerator.num_processes, batch_size=int(cfg.data.batch_size),
                                    grad_accumulation=tcfg.grad_accumulation, seed=cfg.seed)
         lr_scheduler = make_lr_scheduler(optimizer, images_per_step=self.state.images_per_step,
@@ -130,6 +131,8 @@ class Trainer:
                                          schedule=tcfg.lr_schedule, min_factor=tcfg.min_lr_ratio)
         self.module, optimizer, self.lr_scheduler = accelerator.prepare(module, optimizer, lr_scheduler)
         self.ema = EMA(accelerator.unwrap_model(self.module), decay=tcfg.ema_decay, warmup=tcfg.ema_warmup)
+        if tcfg.compile:  # in place (nn.Module.compile): parameter names, checkpoints and EMA are unchanged
+            accelerator.unwrap_model(self.module).unet.unet.compile()
         self.noise_scheduler = make_noise_scheduler(tcfg)
         self.training_step = TrainingStep(accelerator=accelerator, module=self.module, optimizer=optimizer,
                                  lr_scheduler=self.lr_scheduler, decomposers=self.decomposers,
@@ -159,6 +162,7 @@ class Trainer:
         self.loader = make_loader(cfg.data, seed=cfg.seed, rank=accelerator.process_index,
                                   world_size=accelerator.num_processes, state=self.data_state)
         self.batches = iter(self.loader)
+        self.threads = ThreadGovernor(tcfg.threads)
         self.monitor = Monitor(self.out / "tensorboard" if tcfg.tensorboard else None, enabled=self.main,
                                progress=tcfg.progress, total_images=tcfg.total_images,
                                initial_images=self.state.images_seen, accelerator=accelerator)
@@ -166,6 +170,7 @@ class Trainer:
             self.monitor.write(f"resumed from {resume} at {self.state.images_seen} images (step {self.state.step})")
         elif init_report is not None:
             self.monitor.write(init_report)
+        self.monitor.write(self.threads.start())
         self.held_out = held_out_batch(cfg, accelerator.device) if self.main and not self.upsampler else None
         self.loss_log = self.out / "losses.csv"
         if self.main:
@@ -198,6 +203,9 @@ class Trainer:
             self.ema.update(self.accelerator.unwrap_model(self.module))
             state.ema_updates = self.ema.updates
         self.monitor.record_step(grad_norm=grad_norm, images_seen=state.images_seen, images_delta=state.images_per_step)
+        changed = self.threads.update()
+        if changed:
+            self.monitor.write(f"step {state.step}: {changed}")
 
     def after_step(self) -> None:
         """Log the window, write a checkpoint and the EMA pipeline, draw a sample grid, as configured."""
@@ -266,6 +274,23 @@ class Trainer:
         accelerator.end_training()
         return {**summary, "parameter_digest": digest, "pipeline": str(self.out / self.published_name),
                 "losses": self.losses}
+
+
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+def apply_memory_format(module: torch.nn.Module, name: str) -> None:
+    """train.memory_format: the 4-D weights (and so the convs' activations) in NHWC or NCHW, in place."""
+    if name not in MEMORY_FORMATS:
+        raise ValueError(f"train.memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {name!r}")
+    module.to(memory_format=MEMORY_FORMATS[name])
+
+
+def make_optimizer(module: torch.nn.Module, tcfg: DictConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the module's parameters; the fused kernel where torch has one for the device (CPU, CUDA)."""
+    fused = bool(tcfg.fused_optimizer) and torch.device(device).type in ("cpu", "cuda")
+    return torch.optim.AdamW(module.parameters(), lr=tcfg.lr, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps,
+                             weight_decay=tcfg.weight_decay, fused=fused or None)
 
 
 def stage_kind(cfg: DictConfig) -> str:
