@@ -202,13 +202,45 @@ def test_training_the_sr_preset_on_256_px_shards_publishes_a_stage_and_resumes_e
     assert stage.upsample(torch.rand(1, 3, 16, 16), generator=generators(1)).shape == (1, 3, 64, 64)
 
 
-def test_an_upsampler_run_with_decomposers_is_one_line(tmp_path, shards_256):
+def test_an_upsampler_run_with_a_global_decomposer_is_one_line(tmp_path, shards_256):
     from composer.train.loop import train
 
     cfg = sr_config(shards_256, tmp_path / "bad", 4)
     cfg.decomposers.enabled = ["palette"]
-    with pytest.raises(ValueError, match="set decomposers.enabled=\\[\\]"):
+    with pytest.raises(ValueError, match="takes only local decomposers .* not palette"):
         train(cfg)
+
+
+def test_a_stage_trained_with_a_local_sketch_map_records_it_and_uses_it(shards_256, tmp_path):
+    """Local maps may enter an upsampler through the LocalAdapter: decomposed from each high-res crop in
+    training (dropped like the base's), from the caller's image at the stage's size when sampling."""
+    from composer.train.loop import train
+
+    cfg = sr_config(shards_256, tmp_path / "sketch", 4)
+    cfg.decomposers.enabled = ["sketch"]
+    summary = train(cfg)
+    assert summary["step"] == 2
+    unet, scheduler, entry = layout.read_stage(tmp_path / "sketch" / "stage")
+    assert entry["local"] == ["sketch"] and "sketch" in unet.specs and unet.config.local_embed_channels > 0
+    stage = UpsamplerStage(unet, scheduler, StageSettings.from_entry(entry))
+    with torch.no_grad():  # a trained adapter is not zero: the map must move the output
+        for module in unet.local_adapter.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.add_(0.05)
+    lowres = torch.rand(1, 3, 16, 16)
+    sketch = torch.zeros(1, 1, 64, 64)
+    sketch[..., 20:44, 30] = 1
+    plain = stage.upsample(lowres, generator=generators(1))
+    with_map = stage.upsample(lowres, generator=generators(1), local=Conditions({"sketch": sketch}))
+    assert with_map.shape == plain.shape == (1, 3, 64, 64)
+    assert (with_map - plain).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="takes the local map\\(s\\) sketch, not depth"):
+        stage.upsample(lowres, generator=generators(1), local=Conditions({"depth": sketch}))
+    # a pipeline without a sketch decomposer cannot take the stage
+    base = ComposerPipeline(ComposerUNet(**model_kwargs("tiny", BASE, DecomposerSet(["palette"]).specs())).eval(),
+                            make_scheduler("ddpm", SCHEDULE), DecomposerSet(["palette"]), sampling={"steps": 2})
+    with pytest.raises(ValueError, match="has no decomposer for"):
+        base.add_stage(unet, scheduler, entry)
 
 
 def test_generate_and_upsample_commands_stop_at_the_asked_size(pipe, tmp_path):
@@ -288,3 +320,33 @@ def test_a_residual_stage_adds_the_bicubic_upsampling_back_and_trains_on_the_dif
     conditioner(crops, torch.Generator().manual_seed(2), denoiser)
     low = make_lowres(crops, 4, DegradeConfig(blur_p=0, noise_p=0, jpeg_p=0), torch.Generator().manual_seed(2))
     assert torch.allclose(conditioner.target(crops * 2 - 1), crops * 2 - 1 - lowres_base(low, (64, 64)), atol=1e-6)
+
+
+def test_the_pipeline_gives_a_stage_its_local_maps_decomposed_at_the_stage_size(monkeypatch):
+    torch.manual_seed(0)
+    decomposers = DecomposerSet(["sketch", "palette"])
+    unet = ComposerUNet(**model_kwargs("tiny", BASE, decomposers.specs())).eval()
+    pipe = ComposerPipeline(unet, make_scheduler("ddpm", SCHEDULE), decomposers, sampling={"steps": 2})
+    local_unet = build_upsampler("sr256-tiny", 32, overrides=SR, local_specs={"sketch": decomposers.specs()["sketch"]})
+    pipe.add_stage(local_unet.eval(), make_scheduler("ddpm", SCHEDULE),
+                   StageSettings("upsampler_256", 256, steps=1, local=["sketch"]))
+    seen = {}
+    original = UpsamplerStage.sample
+
+    def record(self, lowres, **kwargs):
+        seen["local"] = kwargs.get("local")
+        return original(self, lowres, **kwargs)
+
+    monkeypatch.setattr(UpsamplerStage, "sample", record)
+    picture = torch.zeros(1, 3, 64, 64)
+    picture[..., 16:48, 16:48] = 1
+    out = pipe(images={"sketch": picture}, generator=generators(2), num_images_per_prompt=2, size=256, **FAST).images
+    assert out.shape == (2, 3, 256, 256)
+    sketch = seen["local"]["sketch"]
+    assert sketch.shape == (2, 1, 256, 256)  # decomposed at the stage's size, one per output image
+    expected = decomposers.decompose(torch.nn.functional.interpolate(picture, size=(256, 256), mode="bicubic",
+                                                                     align_corners=False).clamp(0, 1),
+                                     names=["sketch"])["sketch"]
+    torch.testing.assert_close(sketch[:1], expected)
+    pipe(generator=generators(1), size=256, **FAST)  # no sketch given: the stage runs without it
+    assert seen["local"] is None

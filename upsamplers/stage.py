@@ -15,11 +15,12 @@ Random draws, per image generator: the augmentation noise, then the initial nois
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
+from composer.conditions import Conditions
 from composer.diffusion.denoiser import Denoiser, NoiseSchedule
 from composer.diffusion.guidance import Guidance
 from composer.diffusion.sampling import RegionEdit, initial_noise, sample
@@ -42,6 +43,9 @@ class StageSettings:
     guidance_scale: float = 1.0  # the stage is unconditional: 1 is one plain forward
     prediction_type: str = "v_prediction"
     target: str = "image"  # "residual": the diffusion runs on image - bicubic(low-res) (upsamplers.conditions)
+    # local maps the stage also takes (decomposed from the same images as the base's, at the stage's size;
+    # trained with dropout, so each may be left out); [] = only the low-res image
+    local: list = field(default_factory=list)
 
     def entry(self) -> dict[str, Any]:
         """The model_index.json ``stages`` entry."""
@@ -51,6 +55,7 @@ class StageSettings:
     def from_entry(cls, entry: Mapping[str, Any]) -> StageSettings:
         known = {k: entry[k] for k in cls.__dataclass_fields__ if k in entry}
         settings = cls(**known)
+        settings.local = [str(name) for name in (settings.local or [])]
         if settings.target not in TARGETS:
             raise ValueError(f"stage {settings.name!r}: target must be one of {', '.join(TARGETS)}, got {settings.target!r}")
         if int(settings.scale) < 2 or int(settings.steps) < 1 or not 0.0 <= float(settings.aug_level) <= 1.0:
@@ -111,8 +116,10 @@ class UpsamplerStage:
                mask: torch.Tensor | None = None, scheduler: Any = None,
                on_step_end: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
                progress: Callable[[Iterable], Iterable] = lambda steps: steps,
-               autocast: Callable[[], Any] | None = None) -> torch.Tensor:
+               autocast: Callable[[], Any] | None = None, local: Conditions | None = None) -> torch.Tensor:
         """x0 (B, 3, scale h, scale w) in [-1, 1] scale from ``lowres`` (B, 3, h, w) in [0, 1].
+
+        local: the stage's local maps (settings.local), any subset, at any size (resized as their specs say).
 
         known (B, 3, H, W) in [0, 1] and mask (B, 1, H, W), 1 = generate, at the output size: a region
         edit (the known region of x_t follows the original noised to each level; exact at the end)."""
@@ -127,6 +134,13 @@ class UpsamplerStage:
         # the augmentation noise has the low-res image's channels (the UNet's output may have more, e.g. variance)
         lowres_shape = (lowres.shape[0], lowres.shape[1], *size)
         conditions = self.conditions(lowres, size, initial_noise(lowres_shape, generator, device), aug_level)
+        if local is not None and local.values:
+            unknown = [name for name in local.values if name not in self.settings.local]
+            if unknown:
+                raise ValueError(f"stage {self.settings.name!r} takes the local map(s) {', '.join(self.settings.local) or 'none'}"
+                                 f", not {', '.join(unknown)}")
+            local = local.to(device)
+            conditions = Conditions({**conditions.values, **local.values}, dict(local.keep_masks), lowres.shape[0])
         base = lowres_base(lowres, size) if self.settings.target == "residual" else None
         # 2. The initial noise, and the region edit's hook on it (a residual stage's known region is a residual too)
         noise = initial_noise(shape, generator, device)

@@ -14,7 +14,9 @@ sketch + palette, through every stage, beside bicubic).
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 from composer.commands._common import add_runtime_arguments, positive_int
 
@@ -35,6 +37,9 @@ def register(subparsers) -> None:
     parser.add_argument("--size", type=positive_int, default=None,
                         help="render the scenes at this side instead of the last stage's resolution; every "
                              "stage's sizes shrink with it (for quick checks; default: e.g. 1024)")
+    parser.add_argument("--no-local-maps", action="store_true",
+                        help="measure stages that take local maps (e.g. a sketch) without them (default: each such "
+                             "stage gets its maps decomposed from the true high-res image)")
     parser.add_argument("--picture", type=int, default=3, metavar="N",
                         help="scenes in cascade.png (default 3; 0: no picture)")
     add_runtime_arguments(parser)
@@ -63,10 +68,13 @@ def run(args: argparse.Namespace) -> int:
     if args.picture < 0:
         raise ValueError(f"--picture must be 0 or more scenes, got {args.picture}")
     names = None if args.stages is None else args.stages.split(",")
-    pipe = ComposerPipeline.from_pretrained(args.model, load_decomposers=args.picture > 0, device=args.device)
+    index = json.loads((Path(args.model) / "model_index.json").read_text())
+    takes_maps = any(entry.get("local") for entry in index.get("stages", [])) and not args.no_local_maps
+    pipe = ComposerPipeline.from_pretrained(args.model, load_decomposers=args.picture > 0 or takes_maps,
+                                            device=args.device)
     pipe.set_progress_bar_config(disable=True)
     settings = CascadeSettings(num=args.num, seed=args.seed, stages=names, steps=args.steps, batch=args.batch,
-                               size=args.size, precision=args.precision)
+                               size=args.size, precision=args.precision, local_maps=not args.no_local_maps)
     # every check before the long work: stage names, sizes, precision
     plan(pipe, select_stages(pipe, names), args.size)
     resolve_precision(settings.precision or pipe.sampling.precision, pipe.unet.device)

@@ -176,6 +176,9 @@ class CascadeSettings:
     batch: int = 2  # scenes per sampling call
     size: int | None = None  # render side (default: the pipeline's last resolution); every size scales with it
     precision: str | None = None  # default: the pipeline's saved setting
+    # a stage that takes local maps (settings.local, e.g. sketch) gets them decomposed from the TRUE high-res
+    # image at its output size (what a user's sketch of the scene would give); False measures it without them
+    local_maps: bool = True
 
 
 def select_stages(pipe: Any, names: Sequence[str] | None) -> list[Any]:
@@ -233,6 +236,16 @@ def true_pair(render: torch.Tensor, high: int, scale: int) -> tuple[torch.Tensor
     return truth, lowres
 
 
+def _true_local_maps(pipe: Any, stage: Any, high: torch.Tensor):
+    """The stage's local maps (its settings.local) of the true high-res images, or None when it takes none."""
+    names = list(stage.settings.local)
+    if not names:
+        return None
+    if pipe.decomposers is None:
+        raise ValueError(f"stage {stage.settings.name!r} takes {', '.join(names)}: load the pipeline with its decomposers")
+    return pipe.decomposers.decompose(high.to(pipe.unet.device), names=names)
+
+
 def _generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(seed) + int(k)) for k in indices]
 
@@ -262,9 +275,10 @@ def evaluate_cascade(pipe: Any, settings: CascadeSettings, log: Callable[[str], 
         for stage in stages:
             name = stage.settings.name
             high, low = true_pair(render, sizes[name]["high"], sizes[name]["scale"])
+            local = _true_local_maps(pipe, stage, high) if settings.local_maps else None
             moment = time.perf_counter()
             output = stage.upsample(low, generator=_generators(settings.seed, indices), steps=settings.steps,
-                                    autocast=lambda device=stage.unet.device: autocast(precision, device))
+                                    autocast=lambda device=stage.unet.device: autocast(precision, device), local=local)
             spent = time.perf_counter() - moment
             seconds[name] += spent
             line.append(f"{name} {spent:.1f} s")
@@ -279,6 +293,7 @@ def evaluate_cascade(pipe: Any, settings: CascadeSettings, log: Callable[[str], 
     for stage in stages:
         name, per_scene = stage.settings.name, values[stage.settings.name]
         entry = {"input": sizes[name]["low"], "output": sizes[name]["high"], "scale": sizes[name]["scale"],
+                 "local_maps": list(stage.settings.local) if settings.local_maps else [],
                  "steps": int(settings.steps or stage.settings.steps), "aug_level": float(stage.settings.aug_level),
                  "seconds": round(seconds[name], 2), "seconds_per_scene": round(seconds[name] / settings.num, 3)}
         for method in METHODS:
@@ -321,7 +336,8 @@ def markdown(result: Mapping[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for name, entry in result["stages"].items():
         size = f"{entry['input']} -> {entry['output']}"
-        rows = [(f"stage ({entry['steps']} steps)", entry["stage"], False, f"{entry['seconds_per_scene']:.2f}"),
+        maps = f", true {'+'.join(entry['local_maps'])}" if entry.get("local_maps") else ""
+        rows = [(f"stage ({entry['steps']} steps{maps})", entry["stage"], False, f"{entry['seconds_per_scene']:.2f}"),
                 ("bicubic", entry["bicubic"], False, ""), ("stage - bicubic", entry["difference"], True, "")]
         for i, (method, stats, signed, time_cell) in enumerate(rows):
             cells = [_cell(stats[m], digits[m], signed) for m in METRICS]

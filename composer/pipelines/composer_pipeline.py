@@ -148,6 +148,10 @@ class ComposerPipeline(DiffusionPipeline):
             raise ValueError(f"a stage is named {' or '.join(STAGE_NAMES)} (the pipeline's components), "
                              f"got {settings.name!r}; attach it with name=")
         UpsamplerStage(unet, scheduler, settings)  # checks the UNet takes the upsampler's conditions
+        missing = [n for n in settings.local if self.decomposers is not None and n not in self.decomposers.names]
+        if missing:
+            raise ValueError(f"stage {settings.name!r} takes the local map(s) {', '.join(missing)}, which this "
+                             f"pipeline has no decomposer for (it has {', '.join(self.decomposers.names)})")
         self.register_modules(**{settings.name: unet, scheduler_component(settings.name): scheduler})
         entries = [e for e in self.config.stages if e.get("name") != settings.name] + [settings.entry()]
         entries.sort(key=lambda e: (e.get("kind") == UPSAMPLER, int(e.get("resolution", 0))))
@@ -265,7 +269,7 @@ class ComposerPipeline(DiffusionPipeline):
                    progress=self._progress(progress), autocast=lambda: autocast(settings["precision"], self.unet.device))
         # 6. Upsample through the cascade's stages (each keeps the edit's known region in its loop)
         x = self._upsample(x, stages, edit, num_images_per_prompt, generator, callback_on_step_end, progress,
-                           settings["precision"], upsampler_steps)
+                           settings["precision"], upsampler_steps, images)
         # 7. Post-process: exactly the original outside the mask, at its own size
         return self._postprocess(x, edit, num_images_per_prompt, output_type, return_dict)
 
@@ -279,16 +283,35 @@ class ComposerPipeline(DiffusionPipeline):
         return conditions, base * times
 
     def _upsample(self, x: torch.Tensor, stages: list[UpsamplerStage], edit: _Edit | None, times: int, generator,
-                  callback, progress: bool, precision: str, steps: int | None) -> torch.Tensor:
-        """x (B, 3, h, w) in [-1, 1] through ``stages``; a region edit is kept at each stage's size."""
+                  callback, progress: bool, precision: str, steps: int | None,
+                  images: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """x (B, 3, h, w) in [-1, 1] through ``stages``; a region edit is kept at each stage's size; a stage that
+        takes local maps (settings.local) gets those the caller gave as ``images``, decomposed at its size."""
         for stage in stages:
             self.current_stage = stage.settings.name
             size = (x.shape[-2] * stage.settings.scale, x.shape[-1] * stage.settings.scale)
             known, mask = (None, None) if edit is None else _edit_at(edit, size, times)
+            local = self._stage_local(stage, images, size, x.shape[0] // times, times)
             x = stage.sample(((x.float() + 1) / 2).clamp(0, 1), generator=generator, steps=steps, known=known,
                              mask=mask, on_step_end=self._callback(callback), progress=self._progress(progress),
-                             autocast=lambda device=stage.unet.device: autocast(precision, device))
+                             autocast=lambda device=stage.unet.device: autocast(precision, device), local=local)
         return x
+
+    def _stage_local(self, stage: UpsamplerStage, images: Mapping[str, Any] | None, size: tuple[int, int],
+                     base: int, times: int) -> Conditions | None:
+        """The stage's local maps among ``images``, each decomposed from its image resized to the stage's size."""
+        names = [name for name in stage.settings.local if images and name in images]
+        if not names:
+            return None
+        if self.decomposers is None:
+            raise ValueError(f"stage {stage.settings.name!r} takes {', '.join(names)} but this pipeline was loaded "
+                             "without decomposers")
+        values = {}
+        for name in names:
+            picture = inputs.as_image(images[name], what=f"image for {name}").to(self.unet.device)
+            picture = resize_map(picture.float(), size, "bicubic").clamp(0, 1)
+            values[name] = self.decomposers.decompose(picture, names=[name])[name]
+        return _repeat(Conditions(values), base, times)
 
     @torch.no_grad()
     def upsample(self, image: Any, *, size: int | None = None, generator: torch.Generator | list | None = None,

@@ -294,13 +294,11 @@ def make_optimizer(module: torch.nn.Module, tcfg: DictConfig, device: torch.devi
 
 
 def stage_kind(cfg: DictConfig) -> str:
-    """train.stage, checked: "base", or "upsampler" (which takes no decomposers: its condition is the low-res crop)."""
+    """train.stage, checked: "base", or "upsampler" (whose condition is the low-res crop; local decomposers such
+    as sketch may be added: they are decomposed from each high-res crop and enter through the LocalAdapter)."""
     kind = str(cfg.train.stage)
     if kind not in STAGES:
         raise ValueError(f"train.stage must be one of {', '.join(STAGES)}, got {kind!r}")
-    if kind == "upsampler" and list(cfg.decomposers.enabled):
-        raise ValueError("train.stage=upsampler takes no decomposers (its condition is the low-res image made from "
-                         "each crop); set decomposers.enabled=[]")
     return kind
 
 
@@ -312,7 +310,18 @@ def build_stage_model(cfg: DictConfig, specs) -> torch.nn.Module:
     if stage_kind(cfg) == "base":
         return build_model(cfg.model, specs)
     crop = int(cfg.data.crop_size or cfg.data.resolution)
-    return build_upsampler(cfg.model.preset, crop, int(cfg.train.upsampler.level_dim), dict(cfg.model.overrides or {}))
+    return build_upsampler(cfg.model.preset, crop, int(cfg.train.upsampler.level_dim), dict(cfg.model.overrides or {}),
+                           local_specs=stage_local_specs(specs))
+
+
+def stage_local_specs(specs) -> dict:
+    """The decomposers an upsampler run may add: local maps only (sketch, depth, masking, ...), which enter the
+    stage through the LocalAdapter; a global or token condition has no place in an unconditional upsampler."""
+    bad = [name for name, spec in specs.items() if not spec.is_local or spec.kinds != ("local",)]
+    if bad:
+        raise ValueError(f"train.stage=upsampler takes only local decomposers (maps such as sketch or depth), not "
+                         f"{', '.join(bad)}; remove them from decomposers.enabled")
+    return dict(specs)
 
 
 def publish_ema_stage(module, ema: EMA, cfg: DictConfig, training_config, final: Path) -> Path:
@@ -327,7 +336,7 @@ def publish_ema_stage(module, ema: EMA, cfg: DictConfig, training_config, final:
     settings = StageSettings(name=up.name, resolution=int(up.resolution), scale=int(up.scale),
                              aug_level=float(up.aug_level), steps=int(sample["steps"]),
                              guidance_scale=float(sample["guidance_scale"]), prediction_type=cfg.train.prediction_type,
-                             target=str(up.get("target", "image")))
+                             target=str(up.get("target", "image")), local=list(cfg.decomposers.enabled))
     scheduler = make_scheduler(sample["scheduler"], training_config)
     return layout.write_stage(final, averaged.unet.eval(), scheduler, settings.entry())
 

@@ -74,9 +74,18 @@ class TrainingStep:
         """(frozen conditions, dropout keep masks): decomposed and dropped, or the conditioner's (never dropped)."""
         with torch.no_grad():
             if self.conditioner is not None:
-                return self.conditioner(images, generator, self.denoiser), {}
-            conditions = self.decomposers.decompose(images, captions=batch["caption"], extras=extras, training=True,
-                                                    generator=generator, names=self.frozen)
+                conditions = self.conditioner(images, generator, self.denoiser)
+                if not self.decomposers.names:
+                    return conditions, {}
+                # an upsampler's local maps (sketch, ...), decomposed from the high-res crops and dropped like
+                # the base's; the low-res image and its level are never dropped
+                local = self.decomposers.decompose(images, extras=extras, training=True, generator=generator,
+                                                   names=self.frozen)
+                conditions = Conditions({**conditions.values, **local.values}, dict(local.keep_masks),
+                                        images.shape[0])
+            else:
+                conditions = self.decomposers.decompose(images, captions=batch["caption"], extras=extras,
+                                                        training=True, generator=generator, names=self.frozen)
         return conditions, self.dropout.sample(self.decomposers.names, images.shape[0], generator)
 
     def micro_batch(self, batch: Mapping[str, Any], images_seen: int) -> MicroBatch:
