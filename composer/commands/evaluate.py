@@ -113,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
     from composer.evaluate.scoring import MEASURES, Scorer
     from composer.pipelines.composer_pipeline import ComposerPipeline
     from composer.pipelines.layout import is_pipeline_folder
+    from composer.train.threads import ThreadGovernor
 
+    print(ThreadGovernor("auto").start(), flush=True)  # the cores other processes leave free (OMP_NUM_THREADS wins)
     started = time.perf_counter()
     if not is_pipeline_folder(args.model):
         raise ValueError(f"--model {args.model} is not a pipeline folder (no model_index.json); pass e.g. "
