@@ -350,3 +350,23 @@ def test_the_pipeline_gives_a_stage_its_local_maps_decomposed_at_the_stage_size(
     torch.testing.assert_close(sketch[:1], expected)
     pipe(generator=generators(1), size=256, **FAST)  # no sketch given: the stage runs without it
     assert seen["local"] is None
+
+
+def test_replace_base_swaps_the_unet_keeps_the_stages_and_drops_what_the_old_base_bound(pipe, tmp_path):
+    folder = tmp_path / "cascade"
+    pipe.save_pretrained(folder)
+    (folder / "ldznet").mkdir()  # a component trained on the old base's features
+    (folder / "ldznet" / "config.json").write_text("{}")
+    torch.manual_seed(7)
+    new = ComposerUNet(**model_kwargs("tiny", BASE, pipe.decomposers.specs())).eval()
+    new.save_pretrained(tmp_path / "new-unet")
+    layout.replace_base(folder, tmp_path / "new-unet")
+    loaded = ComposerPipeline.from_pretrained(folder)
+    for key, value in new.state_dict().items():
+        torch.testing.assert_close(loaded.unet.state_dict()[key], value, rtol=0, atol=0)
+    assert [s.settings.name for s in loaded.upsamplers] == ["upsampler_256", "upsampler_1024"]
+    assert not (folder / "ldznet").exists()
+    other = ComposerUNet(**model_kwargs("tiny", BASE, DecomposerSet(["palette"]).specs()))
+    other.save_pretrained(tmp_path / "other-unet")
+    with pytest.raises(ValueError, match="not the same model family"):
+        layout.replace_base(folder, tmp_path / "other-unet")

@@ -301,6 +301,32 @@ def attach_stage(pipeline: str | os.PathLike, stage: str | os.PathLike, *, name:
     return publish(pipe, pipeline, weights_dtype=stored_dtype(pipeline / "unet"))
 
 
+def replace_base(pipeline: str | os.PathLike, source: str | os.PathLike, *, trust_pickle: bool = False) -> Path:
+    """Put the base UNet of ``source`` (a pipeline or UNet folder, e.g. a run's EMA pipeline/) into pipeline
+    folder ``pipeline``, atomically, in the folder's stored dtype; its stages and decomposers stay. Components
+    trained on the old base's features (EXTRA_COMPONENTS: the LD-ZNet segmenter) are removed, since they
+    would no longer load against it: retrain and attach them again."""
+    from composer.models.unet import ComposerUNet
+    from composer.pipelines.composer_pipeline import ComposerPipeline
+
+    pipeline = Path(pipeline)
+    pipe = ComposerPipeline.from_pretrained(pipeline, trust_pickle=trust_pickle)
+    unet = ComposerUNet.from_pretrained(unet_folder(source))
+    if sorted(unet.accepted_conditions) != sorted(pipe.unet.accepted_conditions):
+        raise ValueError(f"{source}'s UNet takes {', '.join(unet.accepted_conditions)}, the pipeline's "
+                         f"{', '.join(pipe.unet.accepted_conditions)}: they are not the same model family")
+    pipe.register_modules(unet=unet)
+    dtype = stored_dtype(pipeline / "unet")
+    staging = pipeline.with_name(f"{pipeline.name}{STAGING_MARK}{os.getpid()}-{int(time.time() * 1000)}")
+    try:
+        pipe.save_pretrained(staging, weights_dtype=dtype)  # no EXTRA_COMPONENTS carried over
+        swap_in(staging, pipeline)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return pipeline
+
+
 def upgrade(folder: str | os.PathLike, *, weights_dtype: Any = None) -> Path:
     """Convert a wave-1 pipeline folder in place (atomically) to today's layout."""
     from composer.pipelines.composer_pipeline import ComposerPipeline
@@ -311,7 +337,8 @@ def upgrade(folder: str | os.PathLike, *, weights_dtype: Any = None) -> Path:
 
 
 USAGE = ("usage: python -m composer.pipelines.layout upgrade FOLDER [--fp16]\n"
-         "       python -m composer.pipelines.layout attach PIPELINE STAGE_FOLDER [--name upsampler_256|upsampler_1024]")
+         "       python -m composer.pipelines.layout attach PIPELINE STAGE_FOLDER [--name upsampler_256|upsampler_1024]\n"
+         "       python -m composer.pipelines.layout replace-base PIPELINE NEW_BASE  (a run's pipeline/ or a unet/)")
 
 if __name__ == "__main__":
     import sys
@@ -321,6 +348,8 @@ if __name__ == "__main__":
         import torch
 
         print(upgrade(args[1], weights_dtype=torch.float16 if "--fp16" in args else None))
+    elif len(args) == 3 and args[0] == "replace-base":
+        print(replace_base(args[1], args[2]))
     elif len(args) in (3, 5) and args[0] == "attach" and (len(args) == 3 or args[3] == "--name"):
         print(attach_stage(args[1], args[2], name=args[4] if len(args) == 5 else None))
     else:
