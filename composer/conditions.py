@@ -202,6 +202,11 @@ class Conditions(Mapping):
         merged = {n: self.keep(n) & keep_masks[n].to(torch.bool) if n in keep_masks else self.keep(n) for n in self.values}
         return Conditions(dict(self.values), merged, self.batch_size)
 
+    def merged(self, other: Conditions) -> Conditions:
+        """The union of both (``other``'s values and keep masks win for names in both)."""
+        return Conditions({**self.values, **other.values}, {**self.keep_masks, **other.keep_masks},
+                          self.batch_size if self.batch_size is not None else other.batch_size)
+
     def subset(self, names: Iterable[str]) -> Conditions:
         """Only the named conditions (others become missing)."""
         names = set(names)

@@ -139,8 +139,7 @@ class UpsamplerStage:
             if unknown:
                 raise ValueError(f"stage {self.settings.name!r} takes the local map(s) {', '.join(self.settings.local) or 'none'}"
                                  f", not {', '.join(unknown)}")
-            local = local.to(device)
-            conditions = Conditions({**conditions.values, **local.values}, dict(local.keep_masks), lowres.shape[0])
+            conditions = conditions.merged(local.to(device))
         base = lowres_base(lowres, size) if self.settings.target == "residual" else None
         # 2. The initial noise, and the region edit's hook on it (a residual stage's known region is a residual too)
         noise = initial_noise(shape, generator, device)

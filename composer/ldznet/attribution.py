@@ -102,7 +102,7 @@ def image_conditions(pipe: Any, image: torch.Tensor, conditions: Conditions | Ma
     if images or captions is not None:
         with torch.no_grad():
             extra = pipe.decompose(images or {}, captions)
-        conditions = Conditions({**conditions.values, **extra.values}, {**conditions.keep_masks, **extra.keep_masks})
+        conditions = conditions.merged(extra)
     pipe.unet.check_conditions(conditions)
     return conditions
 

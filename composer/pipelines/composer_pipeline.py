@@ -363,7 +363,7 @@ class ComposerPipeline(DiffusionPipeline):
         _check_finite(conditions)
         if images or captions is not None:
             extra = self.decompose(images or {}, captions)
-            conditions = Conditions({**conditions.values, **extra.values}, {**conditions.keep_masks, **extra.keep_masks})
+            conditions = conditions.merged(extra)
         return conditions
 
     def _prepare_edit(self, image, mask, size: tuple[int, int]) -> _Edit | None:

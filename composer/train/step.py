@@ -81,8 +81,7 @@ class TrainingStep:
                 # the base's; the low-res image and its level are never dropped
                 local = self.decomposers.decompose(images, extras=extras, training=True, generator=generator,
                                                    names=self.frozen)
-                conditions = Conditions({**conditions.values, **local.values}, dict(local.keep_masks),
-                                        images.shape[0])
+                conditions = conditions.merged(local)
             else:
                 conditions = self.decomposers.decompose(images, captions=batch["caption"], extras=extras,
                                                         training=True, generator=generator, names=self.frozen)
