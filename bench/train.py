@@ -26,7 +26,13 @@ from composer.data.loader import make_loader  # noqa: E402
 from composer.diffusion.dropout import DropoutPolicy  # noqa: E402
 from composer.models.config import build_model, count_parameters  # noqa: E402
 from composer.train.accelerator import make_accelerator  # noqa: E402
-from composer.train.loop import apply_memory_format, make_denoiser, make_optimizer, make_noise_scheduler, timestep_bounds  # noqa: E402
+from composer.train.loop import (  # noqa: E402
+    apply_memory_format,
+    make_denoiser,
+    make_noise_scheduler,
+    make_optimizer,
+    timestep_bounds,
+)
 from composer.train.module import TrainingModule  # noqa: E402
 from composer.train.schedule import make_lr_scheduler  # noqa: E402
 from composer.train.step import TrainingStep  # noqa: E402

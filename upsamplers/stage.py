@@ -25,8 +25,15 @@ from composer.diffusion.denoiser import Denoiser, NoiseSchedule
 from composer.diffusion.guidance import Guidance
 from composer.diffusion.sampling import RegionEdit, initial_noise, sample
 from composer.models.adapters import resize_map
-from upsamplers.conditions import (ALWAYS, LOWRES, LOWRES_LEVEL, TARGETS, augmented_lowres, level_timesteps,
-                                   lowres_base)
+from upsamplers.conditions import (
+    ALWAYS,
+    LOWRES,
+    LOWRES_LEVEL,
+    TARGETS,
+    augmented_lowres,
+    level_timesteps,
+    lowres_base,
+)
 
 KIND = "upsampler"
 
