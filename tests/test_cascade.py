@@ -117,6 +117,57 @@ def test_an_edit_leaves_every_outside_pixel_unchanged(pipe, size):
     assert not torch.allclose(out[~outside], image[~outside], atol=0.05)
 
 
+def test_the_edit_border_fades_in_inside_the_mask_and_nowhere_outside(pipe):
+    """With edit_feather the generated region fades in over that many base pixels (16 px at 1024 px), all of
+    it inside the mask: the border pixels are close to the original, the centre is the edit, and no pixel
+    outside changes; edit_feather=0 gives the hard border (a big step there with a random fill)."""
+    size = 1024
+    image = torch.full((1, 3, size, size), 0.5)
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., 256:768, 256:768] = 1
+    outs = {f: pipe(image=image, mask=mask, generator=generators(1), size=size, upsampler_steps=1, edit_feather=f,
+                    **FAST).images for f in (0.0, 1.0)}
+    outside = (mask == 0).expand_as(image)
+    for out in outs.values():
+        assert torch.equal(out[outside], image[outside])
+    border = outs[0.0][..., 256, 300:700] - 0.5, outs[1.0][..., 256, 300:700] - 0.5  # the mask's first row
+    assert float(border[0].abs().mean()) > 4 * float(border[1].abs().mean())
+    centre = (..., slice(400, 600), slice(400, 600))
+    torch.testing.assert_close(outs[0.0][centre], outs[1.0][centre], atol=0.02, rtol=0)  # same fill, unfaded
+    for bad in (-1, "wide", float("nan")):
+        with pytest.raises(ValueError, match="edit_feather"):
+            pipe(image=image, mask=mask, size=size, edit_feather=bad, **FAST)
+
+
+def test_inward_feather_is_zero_outside_and_rises_to_one_inside():
+    from composer.pipelines.composer_pipeline import inward_feather
+
+    mask = torch.zeros(2, 1, 64, 64)
+    mask[0, :, 16:48, 16:48] = 1
+    mask[1, :, :, 32:] = 1  # touches the image's edge: no fade there
+    weights = inward_feather(mask, 8)
+    assert torch.equal(weights[mask == 0], torch.zeros_like(weights[mask == 0]))
+    assert 0 < float(weights[0, 0, 16, 32]) <= 1 / 8 + 1e-6 and float(weights[0, 0, 32, 32]) == 1.0
+    assert float(weights[1, 0, 32, 63]) == 1.0 and float(weights[1, 0, 32, 32]) <= 1 / 8 + 1e-6
+    assert torch.equal(inward_feather(mask, 1), mask)
+
+
+def test_sampling_a_stage_in_channels_last_matches_nchw_and_restores_the_layout():
+    from composer.models.unet import channels_last
+
+    unet, scheduler, settings = tiny_stage("upsampler_256", 256)
+    stage = UpsamplerStage(unet, scheduler, settings)
+    low = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    fast = stage.upsample(low, generator=generators(1))
+    conv = unet.unet.conv_in.weight
+    assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)  # restored
+    with channels_last(unet, enabled=False):
+        plain = stage.upsample(low, generator=generators(1))
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=0)
+    with channels_last(unet):
+        assert unet.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_the_in_loop_hook_keeps_the_known_region_of_each_stage(pipe):
     """At every intermediate step of each upsampling stage, x_t outside the mask is the original (at the stage's
     size) noised to the next level with one fixed noise: eps = (x_t - sqrt(a) known) / sqrt(1 - a) agrees."""

