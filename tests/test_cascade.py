@@ -421,3 +421,29 @@ def test_replace_base_swaps_the_unet_keeps_the_stages_and_drops_what_the_old_bas
     other.save_pretrained(tmp_path / "other-unet")
     with pytest.raises(ValueError, match="not the same model family"):
         layout.replace_base(folder, tmp_path / "other-unet")
+
+
+def test_a_stage_warm_starts_a_run_that_adds_a_sketch_with_the_same_function_at_first(tmp_path):
+    """init_from a stage's UNet folder (e.g. assets/demo-model/upsampler_256) into the same stage with a local
+    sketch map: the first conv is widened with zero columns for the local embedding, so the new network gives
+    the source's output before any training."""
+    from composer.train.module import TrainingModule
+    from composer.train.warmstart import load_initial_weights
+    from decomposers.set import DecomposerSet as Set
+
+    torch.manual_seed(0)
+    source = build_upsampler("sr256-tiny", 32, overrides=SR).eval()
+    source.save_pretrained(tmp_path / "upsampler_256")
+    local = {"sketch": Set(["sketch"]).specs()["sketch"]}
+    torch.manual_seed(1)
+    widened = build_upsampler("sr256-tiny", 32, overrides=SR, local_specs=local).eval()
+    report = load_initial_weights(TrainingModule(widened), tmp_path / "upsampler_256")
+    assert "widened by 8 zero input channels" in report
+    low = torch.rand(1, 3, 16, 16)
+    conditions = UpsamplerStage(source, make_scheduler("ddpm", SCHEDULE), StageSettings()).conditions(
+        low, (64, 64), torch.randn(1, 3, 64, 64))
+    x, t = torch.randn(1, 3, 64, 64), torch.tensor([300])
+    sketch = Conditions({"sketch": torch.rand(1, 1, 64, 64)})
+    with torch.no_grad():
+        torch.testing.assert_close(widened(x, t, conditions.merged(sketch)), source(x, t, conditions),
+                                   atol=1e-5, rtol=0)
