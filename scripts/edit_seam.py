@@ -12,6 +12,8 @@ and the edit recolours it with the palette of the next scene. Per edit:
 - peak step: for a line along each edge of the (box) mask, the largest neighbour step met crossing it within
   2 base pixels either side, averaged along the edge; at the border and 3 reaches inside, and the original's
   at the border;
+- hole PSNR: the edit vs the original inside the mask (with --conditions none: how well the fill continues
+  the scene; the original is one of many right answers, so only comparisons mean something);
 - seam ratio = peak step at the border / peak step inside (about 1 or below: the border is no more visible
   than any line inside the edit; a hard paste of a mismatched fill is several times 1).
 Writes table.md and a picture per edit (original, edit, and a 4x crop of a border stretch).
@@ -97,6 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=99)
     parser.add_argument("--feather", type=float, default=None, help="edit_feather (base pixels; default: the model's)")
     parser.add_argument("--upsampler-steps", type=int, default=None)
+    parser.add_argument("--resample", type=int, default=1, help="edit_resample (RePaint, in the base)")
     parser.add_argument("--conditions", default="palette,sketch",
                         help="what the edit is given: palette (of another scene), sketch (of the original), none")
     parser.add_argument("--out", default="runs/seam")
@@ -113,7 +116,7 @@ def main(argv=None) -> int:
         scene, donor = generate_scene(args.seed, k, args.size), generate_scene(args.seed, k + 1000, args.size)
         mask = box_mask(scene.instances)
         original = scene.image
-        extra = {} if args.feather is None else {"edit_feather": args.feather}
+        extra = {"edit_resample": args.resample, **({} if args.feather is None else {"edit_feather": args.feather})}
         given = {"palette": donor.image, "sketch": original}
         names = [n for n in args.conditions.split(",") if n and n != "none"]
         edited = pipe(images={n: given[n] for n in names}, image=original, mask=mask,
@@ -129,6 +132,8 @@ def main(argv=None) -> int:
         row["peak_inside"] = peak_step(edited, mask, 3 * reach, reach)
         row["peak_border_original"] = peak_step(original, mask, 0, reach)
         row["seam_ratio"] = row["peak_border"] / max(row["peak_inside"], 1e-6)
+        hole = mask > 0.5
+        row["hole_psnr"] = float(-10 * np.log10(max(np.mean((edited[hole] - original[hole]) ** 2), 1e-10)))
         rows.append(row)
         ys, xs = np.nonzero(mask)
         y0 = int(ys.min())
@@ -136,20 +141,21 @@ def main(argv=None) -> int:
         top = max(0, y0 - args.size // 32)
         crop = edited[top: top + args.size // 16, x0: x0 + args.size // 8]
         crop = np.kron(crop, np.ones((4, 4, 1)))
-        Image.fromarray((np.clip(np.concatenate([original, edited], 1), 0, 1) * 255).astype(np.uint8)).save(
-            out / f"edit-{k}.png")
-        Image.fromarray((np.clip(crop, 0, 1) * 255).astype(np.uint8)).save(out / f"edit-{k}-border.png")
+        if k < 8:
+            Image.fromarray((np.clip(np.concatenate([original, edited], 1), 0, 1) * 255).astype(np.uint8)).save(
+                out / f"edit-{k}.png")
+            Image.fromarray((np.clip(crop, 0, 1) * 255).astype(np.uint8)).save(out / f"edit-{k}-border.png")
         print(json.dumps(row), flush=True)
     keys = ["outside", "border_step", "border_step_original", "interior_step", "peak_border", "peak_inside",
-            "peak_border_original", "seam_ratio"]
+            "peak_border_original", "seam_ratio", "hole_psnr"]
     mean = {key: float(np.nanmean([r[key] for r in rows])) for key in keys}
     lines = ["| scene | outside px changed | border step | original's | interior step | peak step at border | "
-             "peak step inside | original's peak at border | seam ratio (peak border / inside) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "peak step inside | original's peak at border | seam ratio (peak border / inside) | hole PSNR dB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows + [{"scene": "mean", **mean}]:
         lines.append(f"| {r['scene']} | {r['outside']:.0f} | {r['border_step']:.2f} | {r['border_step_original']:.2f} | "
                      f"{r['interior_step']:.2f} | {r['peak_border']:.2f} | {r['peak_inside']:.2f} | "
-                     f"{r['peak_border_original']:.2f} | {r['seam_ratio']:.2f} |")
+                     f"{r['peak_border_original']:.2f} | {r['seam_ratio']:.2f} | {r['hole_psnr']:.2f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows, "mean": mean}, indent=2))
     print("\n".join(lines))

@@ -447,3 +447,24 @@ def test_a_stage_warm_starts_a_run_that_adds_a_sketch_with_the_same_function_at_
     with torch.no_grad():
         torch.testing.assert_close(widened(x, t, conditions.merged(sketch)), source(x, t, conditions),
                                    atol=1e-5, rtol=0)
+
+
+def test_repaint_resampling_in_the_base_edit_keeps_the_outside_and_changes_the_fill(base_pipe):
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:40, 20:48] = 1
+    run = dict(image=image, mask=mask, size=64, **{**FAST, "num_inference_steps": 4})
+    once = base_pipe(generator=generators(1), **run).images
+    again = base_pipe(generator=generators(1), **run).images
+    thrice = base_pipe(generator=generators(1), edit_resample=3, **run).images
+    outside = (mask == 0).expand_as(image)
+    assert torch.equal(thrice[outside], image[outside])
+    torch.testing.assert_close(once, again, rtol=0, atol=0)  # deterministic, so the difference below is resampling's
+    assert float((thrice - once)[~outside].abs().mean()) > 1e-3
+    calls = []
+    base_pipe(generator=generators(1), edit_resample=3, callback_on_step_end=lambda p, i, t, k: calls.append(i), **run)
+    assert calls == [0, 1, 2, 3]  # the callback sees each step once, after its last repeat
+    with pytest.raises(ValueError, match="ddpm or ddim"):
+        base_pipe(generator=generators(1), edit_resample=2, sampler="dpm++", **run)
+    with pytest.raises(ValueError, match="1 to 20"):
+        base_pipe(generator=generators(1), edit_resample=0, **run)

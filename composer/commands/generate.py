@@ -66,6 +66,9 @@ def register(subparsers) -> None:
     edit.add_argument("--feather", type=float, default=1.0, metavar="BASE_PX",
                       help="the edit fades in over this many base pixels inside the mask's border (16 px at 1024; "
                       "no pixel outside the mask changes; 0: a hard border; default 1)")
+    edit.add_argument("--resample", type=int, default=1, metavar="N",
+                      help="RePaint resampling in the base's edit: each step taken N times, noised back in between, "
+                      "so the fill is denoised again beside the kept region (N times the base's time; default 1: off)")
     from composer.commands.mask import add_phrase_mask_arguments
 
     add_phrase_mask_arguments(edit, seed=False)
@@ -153,7 +156,8 @@ def _run(args, image=None, mask=None, masking_image=None, pipe=None) -> int:
                   num_inference_steps=args.steps, guidance_scale=args.guidance, away_from=away, generator=generators,
                   num_images_per_prompt=args.num_images, output_type="pt", precision=args.precision,
                   sampler=args.scheduler, size=args.size, upsampler_steps=args.upsampler_steps,
-                  **({} if mask is None else {"edit_feather": getattr(args, "feather", 1.0)})).images
+                  **({} if mask is None else {"edit_feather": getattr(args, "feather", 1.0),
+                                              "edit_resample": getattr(args, "resample", 1)})).images
     out = Path(args.out)
     paths = []
     if args.num_images == 1:

@@ -34,6 +34,9 @@ class RegionEdit:
     known: torch.Tensor
     mask: torch.Tensor
     noise: torch.Tensor
+    # RePaint's resampling: each step but the last is taken this many times, x noised back to the step's level
+    # in between, so the generated region is denoised again beside the known one (1: off)
+    resample: int = 1
 
     def __call__(self, x: torch.Tensor, scheduler: Any, next_timestep: torch.Tensor | None) -> torch.Tensor:
         if next_timestep is None:
@@ -82,25 +85,53 @@ def sample(
     predict = predict or denoiser
     target_type = getattr(scheduler.config, "prediction_type", denoiser.prediction_type)
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    repeats = _resample_count(edit, scheduler)
     for i, t in enumerate(progress(timesteps)):
-        # 2. The prediction at this level (the network sees the variance-preserving x_t)
-        model_input = scheduler.scale_model_input(x, t)
-        t_batch = t.reshape(1).expand(x.shape[0]).to(x.device)
-        with autocast() if autocast is not None else _nothing():
-            raw = predict(model_input, t_batch, conditions).float()
-        prediction = denoiser.convert(model_input.float(), t_batch, raw, to=target_type)
-        # 3. One scheduler step; the last lands on the x0 estimate itself (DDIM would stop at t = 0 when the
-        # step count does not divide the schedule, leaving sqrt(1 - a_0) of noise: up to 0.02 from x0)
-        x = scheduler.step(prediction, t, x, **step_kwargs).prev_sample
-        if i + 1 == len(timesteps) and float(scheduler.init_noise_sigma) == 1.0:
-            x = denoiser.split(model_input.float(), t_batch, raw)[0]
-        # 4. Hooks: the region edit, then the caller's callback
-        if edit is not None:
-            x = edit(x, scheduler, timesteps[i + 1] if i + 1 < len(timesteps) else None)
+        last = i + 1 == len(timesteps)
+        for u in range(1 if last else repeats):
+            if u:  # RePaint: noise x_{t_next} back to the level of t and take the step again
+                x = _renoise(x, scheduler, timesteps[i + 1], t, generator)
+            # 2. The prediction at this level (the network sees the variance-preserving x_t)
+            model_input = scheduler.scale_model_input(x, t)
+            t_batch = t.reshape(1).expand(x.shape[0]).to(x.device)
+            with autocast() if autocast is not None else _nothing():
+                raw = predict(model_input, t_batch, conditions).float()
+            prediction = denoiser.convert(model_input.float(), t_batch, raw, to=target_type)
+            # 3. One scheduler step; the last lands on the x0 estimate itself (DDIM would stop at t = 0 when the
+            # step count does not divide the schedule, leaving sqrt(1 - a_0) of noise: up to 0.02 from x0)
+            x = scheduler.step(prediction, t, x, **step_kwargs).prev_sample
+            if last and float(scheduler.init_noise_sigma) == 1.0:
+                x = denoiser.split(model_input.float(), t_batch, raw)[0]
+            # 4. Hooks: the region edit, then (after the step's last repeat) the caller's callback
+            if edit is not None:
+                x = edit(x, scheduler, None if last else timesteps[i + 1])
         if on_step_end is not None:
             replaced = on_step_end(i, t, x)
             x = x if replaced is None else replaced
     return x
+
+
+RESAMPLING_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")  # their step keeps no state between calls
+
+
+def _resample_count(edit: RegionEdit | None, scheduler: Any) -> int:
+    repeats = 1 if edit is None else int(edit.resample)
+    if repeats < 1 or repeats > 20:
+        raise ValueError(f"edit resampling takes each step 1 to 20 times, got {edit.resample}")
+    if repeats > 1 and (type(scheduler).__name__ not in RESAMPLING_SCHEDULERS
+                        or float(scheduler.init_noise_sigma) != 1.0):
+        raise ValueError(f"edit resampling needs the ddpm or ddim sampler (its step keeps no state), not "
+                         f"{type(scheduler).__name__}; pass --scheduler ddpm or resample 1")
+    return repeats
+
+
+def _renoise(x: torch.Tensor, scheduler: Any, t_from: torch.Tensor, t_to: torch.Tensor,
+             generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """x at level t_from (less noisy) -> a sample of q(x_{t_to} | x_{t_from}) of the variance-preserving chain."""
+    alphas = scheduler.alphas_cumprod.to(x.device, torch.float64)
+    ratio = (alphas[int(t_to)] / alphas[int(t_from)]).clamp(max=1.0)
+    fresh = initial_noise(tuple(x.shape), generator, x.device).to(x.dtype)
+    return (ratio.sqrt().to(x.dtype) * x + (1 - ratio).sqrt().to(x.dtype) * fresh)
 
 
 class _nothing:

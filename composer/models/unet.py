@@ -14,7 +14,6 @@ with "no file named diffusion_pytorch_model.safetensors" instead of returning a 
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 from pathlib import Path

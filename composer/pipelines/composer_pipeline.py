@@ -238,6 +238,7 @@ class ComposerPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
         progress: bool = True,
         edit_feather: float = 1.0,
+        edit_resample: int = 1,
     ):
         """Sample images composed from any subset of conditions.
 
@@ -248,7 +249,8 @@ class ComposerPipeline(DiffusionPipeline):
         resolution or an upsampling stage's, see ``sizes()``; default: the last stage), each stage scaling
         the previous output by its factor; upsampler_steps overrides every stage's saved step count.
         edit_feather: the edit's border fades in over this many base pixels (16 px at 1024), wholly inside the
-        mask, after every stage and in the final composite (0: a hard border).
+        mask, after every stage and in the final composite (0: a hard border). edit_resample: RePaint's
+        resampling in the base's region edit, each step taken this many times (1: off; ddpm or ddim only).
         generator: one, or one per output image (a batch then equals its singles). Unset sampling arguments
         take the pipeline's saved defaults. callback_on_step_end(pipe, i, t, {"latents": x}) is called at
         every step of every stage (``pipe.current_stage`` names it) and may return {"latents": replacement}.
@@ -266,6 +268,8 @@ class ComposerPipeline(DiffusionPipeline):
         scheduler = make_scheduler(sampler, self.scheduler.config) if sampler else self.scheduler
         noise = initial_noise((batch, self.unet.config.out_channels, *settings["size"]), generator, self.unet.device)
         hook = None if edit is None else self._edit_hook(edit, noise, num_images_per_prompt)
+        if hook is not None:
+            hook.resample = edit_resample
         # 5. Denoise with the shared sampling loop
         denoiser, self.current_stage = self.denoiser, "base"
         guided = Guidance(denoiser, scale=settings["guidance_scale"], away_from=away_from, weights=condition_weights)
