@@ -110,12 +110,19 @@ class ComposerUNet(ModelMixin, ConfigMixin):
             parts.append(self.local_adapter(conditions, sample).to(sample.dtype))
         parts += [self._concatenated(name, conditions, sample) for name in self.concat_specs]
         x = torch.cat(parts, dim=1)
-        if self.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
+        weight = self.unet.conv_in.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            # weights cast to bf16 (from_pretrained(torch_dtype=...)) with fp32 latents: diffusers casts the
+            # time embedding to the sample's dtype, so the sample must match the weights
+            x = x.to(weight.dtype)
+            context = context.to(weight.dtype)
+            added = added.to(weight.dtype)
+        if weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)  # weights in NHWC (see channels_last below)
         return self.unet(
             x, timestep, encoder_hidden_states=context, class_labels=added,
             encoder_attention_mask=mask, return_dict=False,
-        )[0]
+        )[0].to(sample.dtype)
 
     def _concatenated(self, name: str, conditions: Conditions, sample: torch.Tensor) -> torch.Tensor:
         spec = self.concat_specs[name]
