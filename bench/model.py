@@ -1,5 +1,5 @@
 """Model cost on the CPU: the training step as a user of plain diffusers would run it beside ours, FLOP/s
-against the measured bf16 matmul peak, the sampling step, and (with shards) the end-to-end training rate.
+against the measured matmul peak (bf16 where the CPU runs it natively, else fp32), the sampling step, and (with shards) the end-to-end training rate.
 
     python bench/model.py [--batch 16] [--repeats 5] [--compile] [--end-to-end] [--paper]
 
@@ -11,6 +11,8 @@ Rows of the training table (fwd + bwd + clip + AdamW at the same batch, best of 
 - ComposerUNet (adapters included) as wave 1 trained it: bf16, NCHW, AdamW's loop;
 - ComposerUNet as `train` runs it by default: bf16, NCHW, fused AdamW; then channels_last; with --compile
   also torch.compile'd (its cold and warm compile times are printed).
+On a CPU without native bf16 (AVX2 only) the ComposerUNet rows run in fp32, as `train` does there, and the
+bf16 rows are left out (emulated bf16 takes about a minute per step; --force-bf16 adds them).
 --end-to-end adds the whole training step (shards -> decomposition -> step, bench/train.py's TrainingStep
 with the loader) for wave 1's settings and today's defaults, in the same process.
 """
@@ -31,6 +33,7 @@ from composer.conditions import Conditions, ConditionSpec  # noqa: E402
 from composer.diffusion.guidance import guided_prediction  # noqa: E402
 from composer.models.config import count_parameters, model_kwargs  # noqa: E402
 from composer.models.unet import ComposerUNet  # noqa: E402
+from composer.runtime import cpu_supports_bf16  # noqa: E402
 
 LOCAL = {"sketch": 1, "instances": 5, "depth": 1, "intensity": 1, "masking": 4}
 
@@ -64,8 +67,8 @@ def best_time(fn, repeats: int) -> float:
     return best
 
 
-def matmul_peak() -> float:
-    a, b = torch.randn(2048, 2048, dtype=torch.bfloat16), torch.randn(2048, 2048, dtype=torch.bfloat16)
+def matmul_peak(dtype: torch.dtype = torch.bfloat16) -> float:
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     seconds = best_time(lambda: a @ b, 5)
     return 2 * 2048**3 / seconds
 
@@ -111,13 +114,23 @@ def main() -> None:
     parser.add_argument("--end-to-end", action="store_true", help="add the whole training step (needs data/scenes)")
     parser.add_argument("--config", default="configs/train/tiny.yaml", help="the run for --end-to-end")
     parser.add_argument("--paper", action="store_true", help="add the paper preset (forward only; minutes)")
+    parser.add_argument("--force-bf16", action="store_true",
+                        help="bf16 rows even where the CPU emulates bf16 (a minute per step)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    peak = matmul_peak()
+    native = cpu_supports_bf16() or args.force_bf16
+    compute = torch.bfloat16 if native else None  # None: fp32, no autocast
+    name = "bf16" if native else "fp32"
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
+    peak = matmul_peak(torch.bfloat16 if native else torch.float32)
     batch, word_dim, embed = args.batch, 128, 128
-    print(f"bf16 matmul peak measured here: {peak / 1e9:.0f} GFLOP/s (2048^3, {args.threads} threads); batch {batch}\n")
+    print(f"CPU capability {capability}; native bf16: {cpu_supports_bf16()}; {name} matmul peak measured here: "
+          f"{peak / 1e9:.0f} GFLOP/s (2048^3, {args.threads} threads); batch {batch}\n")
+    if not native:
+        print("(no native bf16 on this CPU: bf16 autocast is emulated, ~20x slower than fp32, and train's "
+              "mixed_precision=auto runs fp32; bf16 rows are left out, --force-bf16 adds them)\n")
     print("| training step (tiny preset) | params (M) | GFLOP / fwd | ms / step | images/s | vs plain fp32 "
-          "| GFLOP/s | of bf16 peak |")
+          f"| GFLOP/s | of {name} peak |")
     print("|---|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
     x, t = torch.randn(batch, 3, 64, 64), torch.randint(0, 1000, (batch,))
@@ -139,37 +152,38 @@ def main() -> None:
     plain = plain_diffusers("tiny", 128)
     row("diffusers UNet2DConditionModel, fp32, NCHW, AdamW loop", plain,
         lambda: plain(x, t, encoder_hidden_states=context).sample, None, False)
-    row("diffusers UNet2DConditionModel, bf16 autocast, NCHW, AdamW loop", plain,
-        lambda: plain(x, t, encoder_hidden_states=context).sample, torch.bfloat16, False)
+    if native:
+        row("diffusers UNet2DConditionModel, bf16 autocast, NCHW, AdamW loop", plain,
+            lambda: plain(x, t, encoder_hidden_states=context).sample, torch.bfloat16, False)
     ours = ComposerUNet(**model_kwargs("tiny", specs=specs(word_dim, embed)))
-    row("ComposerUNet, bf16, NCHW, AdamW loop (wave 1)", ours, lambda: ours(x, t, c), torch.bfloat16, False)
-    row("ComposerUNet, bf16, NCHW, fused AdamW (train default)", ours, lambda: ours(x, t, c), torch.bfloat16, True)
+    row(f"ComposerUNet, {name}, NCHW, AdamW loop (wave 1)", ours, lambda: ours(x, t, c), compute, False)
+    row(f"ComposerUNet, {name}, NCHW, fused AdamW (train default)", ours, lambda: ours(x, t, c), compute, True)
     ours = ours.to(memory_format=torch.channels_last)
-    row("ComposerUNet, bf16, channels_last, fused AdamW", ours, lambda: ours(x, t, c), torch.bfloat16, True)
+    row(f"ComposerUNet, {name}, channels_last, fused AdamW", ours, lambda: ours(x, t, c), compute, True)
     if args.compile:
         start = time.perf_counter()
         ours.unet.compile()
-        step = train_step(ours, lambda: ours(x, t, c), torch.bfloat16, True)
+        step = train_step(ours, lambda: ours(x, t, c), compute, True)
         step()
         cold = time.perf_counter() - start
         start = time.perf_counter()
         step()
-        row("ComposerUNet, + torch.compile", ours, lambda: ours(x, t, c), torch.bfloat16, True,
+        row("ComposerUNet, + torch.compile", ours, lambda: ours(x, t, c), compute, True,
             note=f" (first step {cold:.0f} s incl. compile, next {time.perf_counter() - start:.1f} s)")
-    sampling(ours, x, t, c, args.repeats)
+    sampling(ours, x, t, c, args.repeats, native)
     if args.end_to_end:
         end_to_end(args, peak)
     if args.paper:
         paper()
 
 
-def sampling(model, x, t, c, repeats: int) -> None:
+def sampling(model, x, t, c, repeats: int, bf16: bool = True) -> None:
     model.eval()
     empty = c.subset([])
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         guided = best_time(lambda: guided_prediction(model, x, t, c, 3.0), repeats)
         separate = best_time(lambda: (model(x, t, empty), model(x, t, c)), repeats)
-    print(f"\nsampling step (bf16, guided, batch {x.shape[0]}): one batched forward {guided * 1000:.0f} ms, "
+    print(f"\nsampling step ({'bf16' if bf16 else 'fp32'}, guided, batch {x.shape[0]}): one batched forward {guided * 1000:.0f} ms, "
           f"two separate forwards {separate * 1000:.0f} ms")
     model.train()
 
@@ -206,10 +220,10 @@ def paper() -> None:
     model = ComposerUNet(**model_kwargs("paper", specs=specs(768, 768))).eval()
     c, x, t = conditions(1, 768, 768), torch.randn(1, 3, 64, 64), torch.randint(0, 1000, (1,))
     flops = flops_of(lambda: model(x, t, c))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_supports_bf16()):
         seconds = best_time(lambda: model(x, t, c), 1)
     print(f"\npaper preset: {count_parameters(model) / 1e6:.0f} M params, {flops / 1e9:.0f} GFLOP per forward at "
-          f"batch 1, {seconds * 1000:.0f} ms per bf16 forward here (AdamW state would need "
+          f"batch 1, {seconds * 1000:.0f} ms per {'bf16' if cpu_supports_bf16() else 'fp32'} forward here (AdamW state would need "
           f"{count_parameters(model) * 16 / 2**30:.0f} GiB)")
 
 

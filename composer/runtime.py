@@ -46,6 +46,26 @@ def cpu_supports_bf16() -> bool:
     return bool(amx and amx())
 
 
+def describe_precision(mixed_precision: str, device: torch.device | str) -> str:
+    """One line for a run's log: the compute precision ("bf16", "fp16" or "no" as accelerate names it) and why.
+
+    On a CPU without native bf16 (AVX2 only, e.g. many AMD EPYC and older Xeon parts) bf16 autocast is
+    emulated: measured on such a 2-core machine, the tiny preset's training step took 61.8 s in bf16 against
+    2.9 s in fp32, so "auto" picks fp32 there and an explicit bf16 is warned about."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return f"precision: {mixed_precision if mixed_precision != 'no' else 'fp32'} on {device.type}"
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
+    native = cpu_supports_bf16()
+    if mixed_precision == "bf16" and not native:
+        return (f"precision: bf16 -- WARNING: this CPU ({capability}) has no native bf16, so every bf16 op is "
+                "emulated (about 20x slower than fp32 here); set train.mixed_precision=auto or fp32")
+    if mixed_precision == "bf16":
+        return f"precision: bf16 (this CPU runs it natively: {capability})"
+    reason = "no native bf16 on this CPU" if not native else "asked for"
+    return f"precision: fp32 ({reason}; {capability})"
+
+
 def canonical_precision(precision: str) -> str:
     precision = ALIASES.get(str(precision).lower(), str(precision).lower())
     if precision not in PRECISIONS:

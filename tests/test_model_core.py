@@ -160,6 +160,18 @@ def test_precision_choices():
         resolve_precision("fp16", "cpu")
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_precision_follows_the_cpu_and_a_forced_emulated_bf16_is_warned_about(monkeypatch, native):
+    import composer.runtime as runtime
+
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: native)
+    assert runtime.resolve_precision("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    assert runtime.accelerate_mixed_precision("auto", "cpu") == ("bf16" if native else "no")
+    line = runtime.describe_precision("bf16", "cpu")
+    assert ("WARNING" in line) is (not native) and "\n" not in line
+    assert runtime.describe_precision("no", "cpu").startswith("precision: fp32")
+
+
 def test_loading_weights_of_another_architecture_is_a_clear_error(tmp_path):
     """Missing tensors are never left randomly initialised (diffusers' default is a warning)."""
     from safetensors.torch import load_file, save_file

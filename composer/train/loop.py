@@ -30,6 +30,7 @@ from composer.diffusion.schedulers import make_scheduler
 from composer.models.config import build_model
 from composer.models.unet import ComposerUNet
 from composer.pipelines import layout
+from composer.runtime import describe_precision
 from composer.train.accelerator import make_accelerator
 from composer.train.config import STAGES
 from composer.train.ema import EMA
@@ -67,6 +68,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_before_training(cfg)
     accelerator = make_accelerator(device=tcfg.device, mixed_precision=tcfg.mixed_precision,
                                    grad_accumulation=tcfg.grad_accumulation, project_dir=str(cfg.output_dir))
+    if accelerator.is_main_process:
+        print(describe_precision(str(accelerator.mixed_precision), accelerator.device), flush=True)
     expected = TrainingState(world_size=accelerator.num_processes, batch_size=int(cfg.data.batch_size),
                              grad_accumulation=tcfg.grad_accumulation, seed=cfg.seed)
     run = open_run(accelerator, cfg.output_dir, resume=tcfg.resume, overwrite=bool(tcfg.get("overwrite", False)),
