@@ -35,6 +35,7 @@ COMMANDS = (
     "evaluate_slots",
     "evaluate",
     "evaluate_cascade",
+    "pipeline",
 )
 
 

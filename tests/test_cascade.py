@@ -403,7 +403,7 @@ def test_the_pipeline_gives_a_stage_its_local_maps_decomposed_at_the_stage_size(
     assert seen["local"] is None
 
 
-def test_replace_base_swaps_the_unet_keeps_the_stages_and_drops_what_the_old_base_bound(pipe, tmp_path):
+def test_replace_base_swaps_the_unet_keeps_the_stages_and_drops_what_the_old_base_bound(pipe, tmp_path, capsys):
     folder = tmp_path / "cascade"
     pipe.save_pretrained(folder)
     (folder / "ldznet").mkdir()  # a component trained on the old base's features
@@ -411,7 +411,7 @@ def test_replace_base_swaps_the_unet_keeps_the_stages_and_drops_what_the_old_bas
     torch.manual_seed(7)
     new = ComposerUNet(**model_kwargs("tiny", BASE, pipe.decomposers.specs())).eval()
     new.save_pretrained(tmp_path / "new-unet")
-    layout.replace_base(folder, tmp_path / "new-unet")
+    assert main(["pipeline", "replace-base", str(folder), str(tmp_path / "new-unet")]) == 0  # the CLI's way
     loaded = ComposerPipeline.from_pretrained(folder)
     for key, value in new.state_dict().items():
         torch.testing.assert_close(loaded.unet.state_dict()[key], value, rtol=0, atol=0)
@@ -421,6 +421,10 @@ def test_replace_base_swaps_the_unet_keeps_the_stages_and_drops_what_the_old_bas
     other.save_pretrained(tmp_path / "other-unet")
     with pytest.raises(ValueError, match="not the same model family"):
         layout.replace_base(folder, tmp_path / "other-unet")
+    capsys.readouterr()
+    assert main(["pipeline", "replace-base", str(folder), str(tmp_path / "other-unet")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "not the same model family" in error and len(error.splitlines()) == 1
 
 
 def test_a_stage_warm_starts_a_run_that_adds_a_sketch_with_the_same_function_at_first(tmp_path):

@@ -185,8 +185,8 @@ def select_stages(pipe: Any, names: Sequence[str] | None) -> list[Any]:
     """The pipeline's upsampling stages named in ``names`` (default: all), in cascade order."""
     stages = pipe.upsamplers
     if not stages:
-        raise ValueError("this pipeline has no upsampling stages; attach one with `python -m "
-                         "composer.pipelines.layout attach DIR STAGE_DIR`")
+        raise ValueError("this pipeline has no upsampling stages; attach one with `composer-diffusion "
+                         "pipeline attach-stage DIR STAGE_DIR`")
     if names is None:
         return stages
     known = [s.settings.name for s in stages]

@@ -3,7 +3,7 @@
     segmenter = load_segmenter("assets/demo-model")          # None when the folder has no ldznet/ component
     probabilities = segmenter.predict(images, ["the red striped star"])   # (B, 1, H, W) in [0, 1]
 
-    python -m composer.ldznet.segmenter attach PIPELINE runs/ldznet-tiny/ldznet   # copy a trained one in
+    composer-diffusion pipeline attach-segmenter PIPELINE runs/ldznet-tiny/ldznet   # copy a trained one in
 
 Folder layout (beside unet/, scheduler/, decomposers/ of a pipeline folder; not listed in model_index.json, so
 diffusers ignores it and composer.pipelines.layout.publish carries it over when the pipeline is re-saved):

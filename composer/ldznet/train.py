@@ -1,7 +1,7 @@
 """Training LD-ZNet's segmentation network on referring phrases of synthetic scenes (train.stage=ldznet).
 
     composer-diffusion train --config configs/train/ldznet-tiny.yaml      # -> output_dir/ldznet
-    python -m composer.ldznet.segmenter attach assets/demo-model runs/ldznet-tiny/ldznet
+    composer-diffusion pipeline attach-segmenter assets/demo-model runs/ldznet-tiny/ldznet
 
 One step: the next ``data.batch_size`` scenes of ``train.ldznet.scene_seed`` rendered at data.resolution, one
 unique-referring phrase each (composer.ldznet.phrases) -> the phrase's caption embedding from the base's caption
