@@ -357,6 +357,25 @@ def test_precompute_validates_before_writing_and_names_an_unreadable_shard(tmp_p
             tar.addfile(info, io.BytesIO(data))
     assert main(["precompute", "--shards", str(tmp_path / "gt.tar"), "--only", "palette", "--out", str(out)]) == 0
     assert "wrote 1 samples" in capsys.readouterr().out
+    # a shard whose every sample is unreadable is not written (no empty tar); all of them: an error, no output
+    for name in members:
+        if name.endswith(".instances.png"):
+            members[name] = b"\x89PNG broken"
+    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    both = tmp_path / "both"
+    assert main(["precompute", "--shards", str(tmp_path / "gt.tar"), "--shards", str(tmp_path / "bad.tar"),
+                 "--only", "palette", "--out", str(both)]) == 0
+    assert "1 shard(s) had no readable sample" in capsys.readouterr().out
+    assert sorted(p.name for p in both.iterdir()) == ["gt.tar"]
+    assert main(["precompute", "--shards", str(tmp_path / "bad.tar"), "--only", "palette",
+                 "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no readable sample" in err
+    assert not (tmp_path / "none").exists()
 
 
 # --- configuration and the photos preset ------------------------------------------------------------------

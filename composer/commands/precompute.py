@@ -68,14 +68,22 @@ def run(args: argparse.Namespace) -> int:
     decomposers = DecomposerSet.from_config(cfg.decomposers, only=names).to(device)
     # 3. Write every shard into a staging folder inside --out; all move into place once all are complete
     written = skipped = 0
+    empty: list[str] = []  # shards without one readable sample: not written (an empty tar would train on nothing)
     with _staging_folder(out, targets) as staging:
         for url, target in tqdm(list(zip(urls, targets)), unit="shard", desc="precompute"):
             counts = _precompute_shard(url, staging / target.name, decomposers, names, device, args.batch_size)
             written, skipped = written + counts[0], skipped + counts[1]
+            if counts[0] == 0:
+                (staging / target.name).unlink()
+                empty.append(url)
+        if not written:
+            raise ValueError(f"no readable sample in {len(urls)} input shard(s) ({skipped} unreadable); nothing was "
+                             "written: check the shards with `composer-diffusion shards` or give others")
     # 4. Report
     members = [n + ".npy" for n in names if n != "instances"] + (["instances.png", "classes.png"] if "instances" in names else [])
     print(f"wrote {written} samples with {', '.join(members)} to {out}"
-          + (f"; skipped {skipped} unreadable samples" if skipped else ""))
+          + (f"; skipped {skipped} unreadable samples" if skipped else "")
+          + (f"; {len(empty)} shard(s) had no readable sample and were not written: {', '.join(empty)}" if empty else ""))
     return 0
 
 
@@ -140,7 +148,8 @@ def _staging_folder(out: Path, targets: list[Path]) -> Iterator[Path]:
     try:
         yield staging
         for target in targets:
-            os.replace(staging / target.name, target)
+            if (staging / target.name).exists():  # a shard with no readable sample is not written
+                os.replace(staging / target.name, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created and not any(out.iterdir()):
