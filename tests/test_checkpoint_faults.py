@@ -329,3 +329,42 @@ def test_the_logged_loss_and_skip_counts_cover_every_process(monkeypatch):
     assert scalars["train/loss"] == pytest.approx(10.0 / 3)  # the mean over all three micro-batches
     assert scalars["data/skipped/corrupt"] == 3 and scalars["data/skipped/no_caption"] == 1
     assert monitor.sum_over_processes({"corrupt": 1}) == {"corrupt": 3, "no_caption": 1}
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resume_continues(shards, tmp_path, monkeypatch, capsys):
+    """A stop signal mid-run (SIGTERM, or Ctrl-C's SIGINT) is not a loss: the step under way ends, a checkpoint
+    is written at that point (not at the next multiple of checkpoint_every_images), exit code 128 + 15."""
+    import os
+    import signal
+
+    from composer.cli import main
+    from composer.train.loop import Trainer, train
+
+    out = tmp_path / "run"
+    real, steps = Trainer.after_step, []
+
+    def after_step(self):
+        real(self)
+        steps.append(self.state.step)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives between two steps, as from `kill` or a scheduler
+
+    monkeypatch.setattr(Trainer, "after_step", after_step)
+    summary = train(make_config(shards, out, total_images=400, checkpoint_every_images=100))
+    assert summary["stopped_by"] == "SIGTERM" and summary["exit_code"] == 143
+    assert summary["step"] == 2 and summary["images_seen"] == 8
+    assert [p.name for p in sorted((out / "checkpoints").glob("checkpoint-*"))] == ["checkpoint-000000000008"]
+    assert "--resume auto" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    monkeypatch.setattr(Trainer, "after_step", real)
+    resumed = train(make_config(shards, out, total_images=12, checkpoint_every_images=100, resume="auto"))
+    assert _resumed_from(out) == "checkpoint-000000000008" and resumed["step"] == 3 and resumed["stopped_by"] is None
+    # the command line: the same stop gives exit code 143 and says where it stopped
+    from omegaconf import OmegaConf
+
+    steps.clear()
+    monkeypatch.setattr(Trainer, "after_step", after_step)
+    OmegaConf.save(make_config(shards, tmp_path / "cli", total_images=400, checkpoint_every_images=100),
+                   tmp_path / "cli.yaml")
+    assert main(["train", "--config", str(tmp_path / "cli.yaml")]) == 143
+    assert "stopped by SIGTERM at 8 images" in capsys.readouterr().out

@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         raise
     published = {"upsampler": "EMA stage", "ldznet": "LD-ZNet component"}.get(cfg.train.stage, "EMA pipeline")
-    print(f"trained to {summary['images_seen']} images ({summary['step']} steps, last loss {summary['last_loss']:.4f}, "
+    verb = f"stopped by {summary['stopped_by']} at" if summary.get("stopped_by") else "trained to"
+    print(f"{verb} {summary['images_seen']} images ({summary['step']} steps, last loss {summary['last_loss']:.4f}, "
           f"{summary['skipped_steps']} skipped steps); {published}: {summary['pipeline']}")
-    return 0
+    return int(summary.get("exit_code") or 0)  # 128 + the signal's number after a graceful stop

@@ -101,6 +101,7 @@ class Trainer:
         self.main = accelerator.is_main_process
         self.losses: list[tuple[int, float]] = []
         self.last_loss = float("nan")
+        self.checkpointed_at = -1
 
     def run(self) -> dict[str, Any]:
         # 1. Decomposers, model, optimiser, schedules, the step
@@ -109,12 +110,33 @@ class Trainer:
         resume = self.resume()
         # 3. Data, logs and the held-out batch for sample grids
         self.prepare_session(resume, init_report)
-        # 4. Train: optimizer steps until train.total_images, logging, checkpoints and grids as configured
-        while self.state.images_seen < self.tcfg.total_images:
-            self.optimizer_step()
-            self.after_step()
+        # 4. Train: optimizer steps until train.total_images, logging, checkpoints and grids as configured;
+        #    SIGTERM or Ctrl-C ends the step under way, writes a checkpoint and stops (a second one kills)
+        with GracefulStop() as stop:
+            while self.state.images_seen < self.tcfg.total_images and not self.stop_agreed(stop):
+                self.optimizer_step()
+                self.after_step()
+            if stop.signal_name is not None:
+                self.stopped_by(stop.signal_name)
         # 5. Summarise the session
-        return self.finish(resume)
+        return {**self.finish(resume), "stopped_by": stop.signal_name, "exit_code": stop.exit_code}
+
+    def stop_agreed(self, stop: GracefulStop) -> bool:
+        """True once any process received a stop signal; every process stops after the same step."""
+        flag = stop.signal_name is not None
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(torch.tensor([float(flag)], device=self.accelerator.device), "sum")
+            if float(total.item()) > 0 and not flag:
+                stop.signal_name, stop.exit_code = "a stop signal on another process", 143
+            flag = float(total.item()) > 0
+        return flag
+
+    def stopped_by(self, name: str) -> None:
+        state = self.state
+        if state.images_seen != self.checkpointed_at:  # after_step may just have written this one
+            self.checkpoint()
+        self.monitor.write(f"stopped by {name} at {state.images_seen} images (step {state.step}); checkpoint written: "
+                           "continue with the same command and --resume auto")
 
     def build(self) -> str | None:
         cfg, tcfg, accelerator = self.cfg, self.tcfg, self.accelerator
@@ -237,6 +259,7 @@ class Trainer:
                     handle.write(f"{state.images_seen},{scalars['train/loss']:.6f}\n")
 
     def checkpoint(self) -> None:
+        self.checkpointed_at = self.state.images_seen
         unwrapped = self.accelerator.unwrap_model(self.module)
         save_checkpoint(self.accelerator, self.run_dir.store, self.state, self.ema, self.loader.state_dict(),
                         model=unwrapped)
@@ -277,6 +300,47 @@ class Trainer:
         accelerator.end_training()
         return {**summary, "parameter_digest": digest, "pipeline": str(self.out / self.published_name),
                 "losses": self.losses}
+
+
+class GracefulStop:
+    """Within the block, SIGTERM and SIGINT (Ctrl-C) only set ``signal_name`` (and ``exit_code``, 128 + the
+    signal's number), so the training loop can finish its step and write a checkpoint; the first signal puts the
+    previous handlers back, so a second one acts at once. Outside the main thread nothing is installed."""
+
+    SIGNALS = ("SIGTERM", "SIGINT")
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self.exit_code = 0
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> GracefulStop:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                number = getattr(signal, name)
+                self.previous[number] = signal.signal(number, self.handle)
+        return self
+
+    def handle(self, number: int, frame: Any) -> None:
+        import signal
+
+        self.signal_name, self.exit_code = signal.Signals(number).name, 128 + number
+        print(f"\n{self.signal_name}: finishing this step and writing a checkpoint (send it again to stop at once)",
+              flush=True)
+        self.restore()
+
+    def restore(self) -> None:
+        import signal
+
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous = {}
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
 
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
