@@ -62,7 +62,8 @@ class _Edit:
     mask: torch.Tensor  # (B, 1, H, W) in {0, 1}, 1 = generate
     small_image: torch.Tensor  # (B, 3, h, w) at the stage's size
     small_mask: torch.Tensor  # (B, 1, h, w): a stage pixel is generated if any original pixel under it is
-    feather: float = 1.0  # the inward fade of the border, in base pixels (0: a hard border)
+    feather: float = 1.0  # the inward fade of the border in base pixels (0: hard), used by the stages and the
+    # final composite; the base loop blends the known region exactly
 
 
 class ComposerPipeline(DiffusionPipeline):
@@ -262,7 +263,7 @@ class ComposerPipeline(DiffusionPipeline):
         # 2. Encode the conditions (decompose images, encode captions)
         conditions = self._conditions(conditions, images, inputs.as_captions(captions, prompt))
         # 3. Prepare the region edit at the stage's size, and one sample per output image
-        edit = self._prepare_edit(image, mask, settings["size"])
+        edit = self._prepare_edit(image, mask, settings["size"], feather)
         conditions, batch = self._batch(conditions, edit, num_images_per_prompt)
         # 4. Prepare the scheduler and the initial noise
         scheduler = make_scheduler(sampler, self.scheduler.config) if sampler else self.scheduler
@@ -277,8 +278,6 @@ class ComposerPipeline(DiffusionPipeline):
                    generator=generator, edit=hook, on_step_end=self._callback(callback_on_step_end),
                    progress=self._progress(progress), autocast=lambda: autocast(settings["precision"], self.unet.device))
         # 6. Upsample through the cascade's stages (each keeps the edit's known region in its loop)
-        if edit is not None:
-            edit.feather = feather
         x = self._upsample(x, stages, edit, num_images_per_prompt, generator, callback_on_step_end, progress,
                            settings["precision"], upsampler_steps, images)
         # 7. Post-process: exactly the original outside the mask, at its own size
@@ -379,7 +378,7 @@ class ComposerPipeline(DiffusionPipeline):
             conditions = conditions.merged(extra)
         return conditions
 
-    def _prepare_edit(self, image, mask, size: tuple[int, int]) -> _Edit | None:
+    def _prepare_edit(self, image, mask, size: tuple[int, int], feather: float = 1.0) -> _Edit | None:
         if (mask is None) != (image is None):
             raise ValueError("a region edit needs both mask= and image= (the original)")
         if mask is None:
@@ -393,7 +392,7 @@ class ComposerPipeline(DiffusionPipeline):
         mask = mask.expand(image.shape[0], -1, -1, -1)
         small_image = resize_map(image, size, "smooth").clamp(0, 1)
         small_mask = resize_map(mask, size, "lines")
-        return _Edit(image, mask, small_image, small_mask)
+        return _Edit(image, mask, small_image, small_mask, feather)
 
     def _with_masking(self, conditions: Conditions, edit: _Edit) -> Conditions:
         if "masking" not in self.unet.accepted_conditions or "masking" in conditions.values:
