@@ -368,3 +368,35 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resume_continues(shar
                    tmp_path / "cli.yaml")
     assert main(["train", "--config", str(tmp_path / "cli.yaml")]) == 143
     assert "stopped by SIGTERM at 8 images" in capsys.readouterr().out
+
+
+def test_a_stop_signal_that_also_reaches_the_loader_workers_still_ends_in_a_checkpoint(shards, tmp_path, monkeypatch):
+    """`pkill -f`, Ctrl-C (the whole process group) and schedulers signal the loader workers too; they ignore it,
+    so the trainer's graceful stop is not turned into a crash by a dead worker."""
+    import os
+    import signal
+
+    import psutil
+
+    from composer.train.loop import Trainer, train
+
+    real, steps = Trainer.after_step, []
+
+    def after_step(self):
+        real(self)
+        steps.append(self.state.step)
+        if len(steps) == 1:  # the workers first (a dead worker fails the next fetch beyond the prefetched batches)
+            workers = psutil.Process().children(recursive=True)
+            assert workers  # num_workers=1: the loader's worker process
+            for child in workers:
+                os.kill(child.pid, signal.SIGTERM)
+        if len(steps) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "after_step", after_step)
+    out = tmp_path / "run"
+    cfg = make_config(shards, out, total_images=400, checkpoint_every_images=100)
+    cfg.data.num_workers = 1
+    summary = train(cfg)
+    assert summary["stopped_by"] == "SIGTERM" and summary["images_seen"] == 20
+    assert [p.name for p in sorted((out / "checkpoints").glob("checkpoint-*"))] == ["checkpoint-000000000020"]

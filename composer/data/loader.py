@@ -63,7 +63,12 @@ class _MissingMember(SampleError):
 
 
 def _die_with_parent(parent: int, worker_id: int) -> None:
-    """worker_init_fn: a loader worker gets SIGKILL when the process that started it dies."""
+    """worker_init_fn: a loader worker gets SIGKILL when the process that started it dies, and ignores SIGINT
+    and SIGTERM: Ctrl-C reaches the whole process group and `pkill -f`/schedulers signal every process, and a
+    worker killed by them would crash the trainer (torch's SIGCHLD check) before its graceful stop could write
+    a checkpoint. The trainer ends its workers itself, or they die with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         try:
             import ctypes
