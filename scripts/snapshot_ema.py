@@ -23,7 +23,6 @@ def main() -> int:
     parser.add_argument("run", help="a run's output_dir (its checkpoints/ folder is read)")
     parser.add_argument("out", help="the folder to write (replaced atomically)")
     args = parser.parse_args()
-    import torch
     from safetensors.torch import load_file, save_file
 
     from composer.train.checkpoint import STATE_FILE
