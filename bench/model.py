@@ -33,7 +33,7 @@ from composer.conditions import Conditions, ConditionSpec  # noqa: E402
 from composer.diffusion.guidance import guided_prediction  # noqa: E402
 from composer.models.config import count_parameters, model_kwargs  # noqa: E402
 from composer.models.unet import ComposerUNet  # noqa: E402
-from composer.runtime import cpu_supports_bf16  # noqa: E402
+from composer.runtime import cpu_capability, cpu_supports_bf16  # noqa: E402
 
 LOCAL = {"sketch": 1, "instances": 5, "depth": 1, "intensity": 1, "masking": 4}
 
@@ -121,7 +121,7 @@ def main() -> None:
     native = cpu_supports_bf16() or args.force_bf16
     compute = torch.bfloat16 if native else None  # None: fp32, no autocast
     name = "bf16" if native else "fp32"
-    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
+    capability = cpu_capability()
     peak = matmul_peak(torch.bfloat16 if native else torch.float32)
     batch, word_dim, embed = args.batch, 128, 128
     print(f"CPU capability {capability}; native bf16: {cpu_supports_bf16()}; {name} matmul peak measured here: "

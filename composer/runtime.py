@@ -46,6 +46,11 @@ def cpu_supports_bf16() -> bool:
     return bool(amx and amx())
 
 
+def cpu_capability() -> str:
+    """The vector unit torch's CPU kernels use here ("AVX512", "AVX2", ...), as torch reports it."""
+    return getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
+
+
 def describe_precision(mixed_precision: str, device: torch.device | str) -> str:
     """One line for a run's log: the compute precision ("bf16", "fp16" or "no" as accelerate names it) and why.
 
@@ -55,7 +60,7 @@ def describe_precision(mixed_precision: str, device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type != "cpu":
         return f"precision: {mixed_precision if mixed_precision != 'no' else 'fp32'} on {device.type}"
-    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
+    capability = cpu_capability()
     native = cpu_supports_bf16()
     if mixed_precision == "bf16" and not native:
         return (f"precision: bf16 -- WARNING: this CPU ({capability}) has no native bf16, so every bf16 op is "

@@ -9,7 +9,6 @@ fp16 halves the file (7.2 M parameters: 14 MB); the run continues from it with a
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -25,13 +24,12 @@ def main() -> int:
     args = parser.parse_args()
     from safetensors.torch import load_file, save_file
 
-    from composer.train.checkpoint import STATE_FILE
+    from composer.pipelines.layout import swap_in
+    from composer.train.checkpoint import STATE_FILE, CheckpointStore
 
-    found = sorted((Path(args.run) / "checkpoints").glob("checkpoint-*"))
-    found = [p for p in found if (p / STATE_FILE).is_file() and (p / "ema.safetensors").is_file()]
-    if not found:
-        sys.exit(f"error: no complete checkpoint with ema.safetensors under {args.run}/checkpoints")
-    newest = found[-1]
+    newest = CheckpointStore(Path(args.run) / "checkpoints").newest_verified()  # checked against its manifest
+    if newest is None or not (newest / "ema.safetensors").is_file():
+        sys.exit(f"error: no verified checkpoint with ema.safetensors under {args.run}/checkpoints")
     ema = load_file(newest / "ema.safetensors")
     half = {k: v.half() if v.is_floating_point() else v for k, v in ema.items()}
     worst = max(float((half[k].float() - v.float()).abs().max()) for k, v in ema.items() if v.is_floating_point())
@@ -44,11 +42,7 @@ def main() -> int:
             shutil.copy2(extra, staging / extra.name)
     save_file(half, str(staging / "ema.safetensors"))
     shutil.copy2(newest / STATE_FILE, staging / STATE_FILE)
-    old = out.with_name(f".{out.name}-old")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(staging, out)  # fsynced; a crash between its renames is undone by layout.recover
     size = (out / "ema.safetensors").stat().st_size / 2**20
     print(f"{newest.name} -> {out} (fp16, {size:.1f} MiB, largest rounding error {worst:.2e})")
     return 0
