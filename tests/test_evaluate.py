@@ -366,3 +366,21 @@ def test_summaries_close_the_gap_and_pairs_keep_their_single_gain():
     assert pair["both_keep_90"] is False
     runs["sketch"] = scores(sketch=("edge_f1", 0.05))  # the single run does no better than none: nothing to keep
     assert summarise(["palette", "sketch"], [("palette", "sketch")], runs, floor, shifted, ceiling)[1][0]["both_keep_90"] is None
+
+
+def test_runs_makes_only_the_named_runs_beside_the_floor(files, capsys):
+    from composer.cli import main
+
+    out = files / "some"
+    code = main(["evaluate", "--model", str(files / "model"), "--shards", str(files / "heldout" / "scenes-*.tar"),
+                 "--num", "2", "--steps", "1", "--pairs", "none", "--runs", "masking,palette", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["runs"]) == {"none", "masking", "palette"}
+    assert {r["condition"] for r in result["summary"]} == {"masking", "palette"}
+    assert all(r["all"] is None for r in result["summary"])
+    assert "| masking | hole_psnr |" in (out / "results.md").read_text()
+    code = main(["evaluate", "--model", str(files / "model"), "--shards", str(files / "heldout" / "scenes-*.tar"),
+                 "--num", "2", "--runs", "masking,slotz", "--out", str(files / "bad")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "slotz" in err and "choose from" in err, err

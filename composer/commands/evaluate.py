@@ -41,6 +41,9 @@ def register(subparsers) -> None:
                         help="condition pairs (A from scene k, B from scene k + 1), or 'none' (default: "
                              "sketch+palette, depth+caption, instances+image_embedding, intensity+palette, "
                              "those the model accepts)")
+    parser.add_argument("--runs", default=None, metavar="A,B,all",
+                        help="make only these runs: conditions and/or 'all' (the floor 'none' always runs; pairs as "
+                             "--pairs says); default: every run")
     parser.add_argument("--clip", default=str(DEFAULT_CLIP), metavar="FILE.safetensors",
                         help="scene-CLIP weights for retrieval and FID/KID, with FILE.json beside them "
                              "(default assets/scene-clip/scene-clip-tiny.safetensors)")
@@ -130,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     scorer = Scorer(args.clip, sketch=sketch, depth_model=depth, instance_model=instances,
                     instance_names=instance_names, device=pipe.unet.device)
     settings = EvalSettings(num=args.num, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                            batch_size=args.batch_size, precision=args.precision, pairs=pairs, sheet_columns=args.columns)
+                            batch_size=args.batch_size, precision=args.precision, pairs=pairs,
+                            runs=None if args.runs is None else args.runs.split(","), sheet_columns=args.columns)
     result, samples = evaluate(pipe, args.shards, settings, scorer)
     result["model"] = str(args.model)
     result["notes"] = estimator_notes + result["notes"]

@@ -41,6 +41,7 @@ class EvalSettings:
     batch_size: int = 16  # images per pipeline call
     precision: str | None = None
     pairs: Sequence[tuple[str, str]] | None = None
+    runs: Sequence[str] | None = None  # None: every run; else these labels (conditions, 'all'), with 'none' always
     sheet_columns: int = 8  # scenes shown on the contact sheet
 
 
@@ -87,6 +88,18 @@ def parse_pairs(text: str | None, names: Sequence[str]) -> list[tuple[str, str]]
             raise ValueError("--pairs cannot hold masking (it is evaluated as a region edit); pair other conditions")
         pairs.append((parts[0], parts[1]))
     return pairs
+
+
+def select_runs(labels: Sequence[str], names: Sequence[str]) -> set[str]:
+    """The run labels asked for (conditions and 'all'; 'none', the floor, always runs), checked against ``names``."""
+    wanted = {label.strip() for label in labels if label.strip()}
+    unknown = sorted(wanted - set(names) - {"all", "none"})
+    if unknown:
+        raise ValueError(f"--runs names {', '.join(unknown)}, which this evaluation cannot give; "
+                         f"choose from {', '.join([*names, 'all'])}")
+    if not wanted - {"none"}:
+        raise ValueError("--runs selects nothing beyond 'none'; name at least one condition or 'all'")
+    return wanted
 
 
 # --- held-out data ---------------------------------------------------------------------------------------------
@@ -263,6 +276,9 @@ def _plan(pipe, shards, settings: EvalSettings, scorer: Scorer) -> _Plan:
                 notes.append(note)
     unscored = [n for n in names if all(scorer.unavailable(m, targets) for m in MEASURES[n])]
     runs = [r for r in plan_runs(names, pairs) if not (r.kind == "single" and r.label in unscored)]
+    if settings.runs is not None:
+        wanted = select_runs(settings.runs, names)
+        runs = [r for r in runs if r.kind in ("none", "pair") or r.label in wanted]
     notes += [f"{name} alone not generated: none of its measures can be computed (it is still given in `all` "
               "and in pairs)" for name in unscored]
     return _Plan(size, sources, conditions, skipped, names, targets, pairs, runs, notes)
@@ -369,7 +385,9 @@ def summarise(names: Sequence[str], pairs: Sequence[tuple[str, str]], runs: dict
                 continue
             f, c = floor[name][measure], ceiling[name][measure]
             single = runs.get(name, {}).get("scores", {}).get(name, {}).get(measure)
-            everything = runs["all"]["scores"].get(name, {}).get(measure)
+            if name not in runs and "all" not in runs:
+                continue  # neither run was made (evaluate --runs)
+            everything = runs.get("all", {}).get("scores", {}).get(name, {}).get(measure)
             summary.append({"condition": name, "measure": measure, "primary": measure == MEASURES[name][0],
                             "floor": f, "single": single, "all": everything, "ceiling": c,
                             "gap_closed": _gap(single, f, c), "gap_closed_all": _gap(everything, f, c)})
