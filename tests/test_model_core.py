@@ -7,7 +7,7 @@ import torch
 
 from composer.conditions import Conditions, ConditionSpec
 from composer.diffusion.dropout import DropoutPolicy
-from composer.diffusion.guidance import composed_prediction, guided_prediction
+from composer.diffusion.guidance import Guidance, composed_prediction, guided_prediction
 from composer.models.config import model_kwargs
 from composer.models.unet import ComposerUNet
 from composer.runtime import resolve_precision
@@ -126,6 +126,30 @@ def test_guidance_weight_one_is_unguided_and_batched_equals_separate():
         expected = empty + 2.0 * (only_palette - empty) + 0.5 * (only_sketch - empty)
         torch.testing.assert_close(composed_prediction(model, x, t, conditions, {"palette": 2.0, "sketch": 0.5}), expected,
                                    atol=1e-5, rtol=1e-4)
+
+
+def test_an_anchored_condition_is_held_in_every_branch_and_not_guided():
+    model = tiny_model()
+    conditions = fake_conditions(2).subset(["masking", "palette", "sketch"])
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor(250)
+    with torch.no_grad():
+        plain = model(x, t, conditions)
+        masking = model(x, t, conditions.subset(["masking"]))
+        empty = model(x, t, conditions.subset([]))
+        held = Guidance(model, scale=3.0, anchor=["masking"])
+        torch.testing.assert_close(held(x, t, conditions), masking + 3.0 * (plain - masking), atol=1e-5, rtol=1e-4)
+        unheld = Guidance(model, scale=3.0)(x, t, conditions)
+        torch.testing.assert_close(unheld, empty + 3.0 * (plain - empty), atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(held(x, t, conditions), unheld, atol=1e-4)
+        # masking alone and anchored: nothing left to guide, one plain forward
+        alone = conditions.subset(["masking"])
+        torch.testing.assert_close(held(x, t, alone), model(x, t, alone), atol=1e-5, rtol=1e-4)
+        # per-condition weights compose on top of the anchor; a weighted anchor is guided by its weight
+        with_palette = model(x, t, conditions.subset(["masking", "palette"]))
+        weighted = Guidance(model, weights={"palette": 2.0}, anchor=["masking"])(x, t, conditions)
+        torch.testing.assert_close(weighted, masking + 2.0 * (with_palette - masking), atol=1e-5, rtol=1e-4)
+        own = Guidance(model, weights={"masking": 2.0}, anchor=["masking"])(x, t, conditions)
+        torch.testing.assert_close(own, empty + 2.0 * (masking - empty), atol=1e-5, rtol=1e-4)
 
 
 def test_dropout_frequencies_match_their_probabilities():

@@ -126,6 +126,18 @@ def test_an_edit_keeps_the_original_size_and_every_outside_pixel_for_a_non_squar
     assert not torch.allclose(out[~outside], image[~outside])
 
 
+def test_an_edit_holds_masking_in_the_unconditional_branch_unless_told_to_guide_it(pipe):
+    image = torch.rand(1, 3, 16, 16, generator=seed(8))
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 4:12] = 1
+    edit = dict(image=image, mask=mask, images={"palette": torch.rand(1, 3, 16, 16, generator=seed(9))}, **FAST)
+    held = pipe(generator=seed(0), **edit).images
+    explicit = pipe(generator=seed(0), guide_masking=True, away_from=["masking"], **edit).images
+    guided = pipe(generator=seed(0), guide_masking=True, **edit).images
+    torch.testing.assert_close(held, explicit, atol=1e-5, rtol=0)  # default c1 = {masking}
+    assert (held - guided).abs().max() > 1e-3  # c1 = {} guides away from the known pixels too
+
+
 def test_an_rgba_mask_uses_its_alpha_channel(pipe):
     image = torch.rand(1, 3, 16, 16, generator=seed(6))
     rgba = np.zeros((16, 16, 4), dtype=np.uint8)

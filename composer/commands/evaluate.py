@@ -35,6 +35,9 @@ def register(subparsers) -> None:
     parser.add_argument("--num", type=positive_int, default=64, help="held-out scenes to generate from (default 64)")
     parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--guidance", type=finite_float, default=None, help="guidance weight (default: the model's)")
+    parser.add_argument("--guide-masking", action="store_true",
+                        help="guide masking like any condition (default: held in guidance's c1, keeping the known "
+                             "pixels in both branches)")
     parser.add_argument("--seed", type=int, default=0, help="sample k starts from the noise seeded by SEED + k")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per sampling call (default 16)")
     parser.add_argument("--pairs", default=None, metavar="A+B,C+D",
@@ -134,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
                     instance_names=instance_names, device=pipe.unet.device)
     settings = EvalSettings(num=args.num, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                             batch_size=args.batch_size, precision=args.precision, pairs=pairs,
-                            runs=None if args.runs is None else args.runs.split(","), sheet_columns=args.columns)
+                            runs=None if args.runs is None else args.runs.split(","), sheet_columns=args.columns,
+                            guide_masking=args.guide_masking)
     result, samples = evaluate(pipe, args.shards, settings, scorer)
     result["model"] = str(args.model)
     result["notes"] = estimator_notes + result["notes"]

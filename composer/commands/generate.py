@@ -30,6 +30,9 @@ def _add_condition_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --slots: slot i takes slot j of IMG2 (IMG2:i or IMG2:i=j[,k=l])")
     parser.add_argument("--guidance", type=finite_float, default=None, help="guidance weight w (default: the model's, 3)")
     parser.add_argument("--away-from", default="", help="comma-separated conditions to guide away from (c1)")
+    parser.add_argument("--guide-masking", action="store_true",
+                        help="guide masking like any condition (default: masking is held in c1, so a region "
+                             "edit's fill is not pushed away from the known pixels)")
     parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's, 25)")
     parser.add_argument("--scheduler", choices=SAMPLER_NAMES, default=None, help="sampler (default: the model's)")
     parser.add_argument("--size", type=positive_int, default=None,
@@ -153,7 +156,8 @@ def _run(args, image=None, mask=None, masking_image=None, pipe=None) -> int:
         mask = None
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
     result = pipe(conditions, images=images or None, captions=captions, image=image, mask=mask,
-                  num_inference_steps=args.steps, guidance_scale=args.guidance, away_from=away, generator=generators,
+                  num_inference_steps=args.steps, guidance_scale=args.guidance, away_from=away,
+                  guide_masking=args.guide_masking, generator=generators,
                   num_images_per_prompt=args.num_images, output_type="pt", precision=args.precision,
                   sampler=args.scheduler, size=args.size, upsampler_steps=args.upsampler_steps,
                   **({} if mask is None else {"edit_feather": getattr(args, "feather", 1.0),

@@ -6,6 +6,9 @@
 
 pred = pred(x_t, c1) + w * (pred(x_t, c2) - pred(x_t, c1)), c2 = every condition given, c1 = ``away_from``
 (empty by default); with per-condition weights pred = pred(empty) + sum_i w_i (pred(c_i) - pred(empty)).
+``anchor`` names conditions held in every branch (c1 too) and so never guided: the pipeline anchors
+``masking``, since guiding away from the known pixels pushes a region edit's fill away from its
+surroundings (as in SD-inpainting and Composer, whose unconditional branch keeps the masked image).
 Both are affine combinations (their weights sum to 1), so guiding eps, v or x0 predictions gives the same
 result: guidance works on whatever the denoiser predicts.
 """
@@ -46,13 +49,14 @@ def guided_prediction(model: Predictor, sample: torch.Tensor, timestep: torch.Te
 
 
 def composed_prediction(model: Predictor, sample: torch.Tensor, timestep: torch.Tensor, conditions: Conditions,
-                        weights: Mapping[str, float]) -> torch.Tensor:
-    """pred(empty) + sum_i w_i (pred(c_i) - pred(empty)) for each named condition c_i, in one batch."""
+                        weights: Mapping[str, float], base: Iterable[str] = ()) -> torch.Tensor:
+    """pred(b) + sum_i w_i (pred(c_i + b) - pred(b)) for each named condition c_i, in one batch; b = ``base``
+    (empty by default)."""
     unknown = [n for n in weights if n not in conditions.values]
     if unknown:
         raise ValueError(f"condition weights given for absent condition(s) {', '.join(unknown)}")
-    names = list(weights)
-    parts = [only(conditions, [])] + [only(conditions, [n]) for n in names]
+    names, base = list(weights), [n for n in base if n not in weights]
+    parts = [only(conditions, base)] + [only(conditions, [n, *base]) for n in names]
     timesteps = _per_sample(timestep, sample)
     preds = model(sample.repeat(len(parts), 1, 1, 1), timesteps.repeat(len(parts)), Conditions.cat(parts))
     chunks = preds.chunk(len(parts))
@@ -67,25 +71,31 @@ class Guidance:
 
     scale 1 (or no condition present) is one plain forward; ``weights`` (per-condition scales) replace
     ``scale`` and ``away_from`` when given. ``always`` names conditions kept in every branch (an upsampler's
-    low-resolution image, which is never dropped).
+    low-resolution image, which is never dropped). ``anchor`` names conditions kept in every branch as given
+    (dropped where the batch drops them), so they are not guided; a condition also named in ``weights`` is
+    guided by its weight instead.
     """
 
     def __init__(self, denoiser: Predictor, *, scale: float = 3.0, away_from: Iterable[str] = (),
-                 weights: Mapping[str, float] | None = None, always: Iterable[str] = ()):
+                 weights: Mapping[str, float] | None = None, always: Iterable[str] = (),
+                 anchor: Iterable[str] = ()):
         self.denoiser = denoiser
         self.scale = float(scale)
         self.away_from = list(away_from)
         self.weights = dict(weights or {})
         self.always = list(always)
+        self.anchor = list(anchor)
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, conditions: Conditions) -> torch.Tensor:
-        guided = [n for n in conditions.present() if n not in self.always]
         if self.weights:
-            return composed_prediction(self._model(conditions), sample, timestep, conditions, self.weights)
+            return composed_prediction(self._model(conditions), sample, timestep, conditions, self.weights,
+                                       self.anchor)
+        held = self.always + self.anchor
+        guided = [n for n in conditions.present() if n not in held]
         if self.scale == 1.0 or not guided:
             return self.denoiser(sample, timestep, conditions)
         return guided_prediction(self._model(conditions), sample, timestep, conditions, self.scale,
-                                 self.away_from + self.always)
+                                 self.away_from + held)
 
     def _model(self, conditions: Conditions) -> Predictor:
         if not self.always:

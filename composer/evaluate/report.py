@@ -51,7 +51,8 @@ def markdown(result: Mapping[str, Any]) -> str:
         f"# Evaluation of {result.get('model') or 'the pipeline'}",
         "",
         f"{result['num']} held-out scenes ({', '.join(result['shards'])}), {result['steps']} steps of "
-        f"{result['sampler']}, guidance {result['guidance_scale']}, seeds {result['seed']}..{result['seed'] + result['num'] - 1}, "
+        f"{result['sampler']}, guidance {result['guidance_scale']} "
+        f"({'masking guided too' if result.get('masking_guided') else 'masking held in c1'}), seeds {result['seed']}..{result['seed'] + result['num'] - 1}, "
         f"{result['resolution']} px; {result['seconds']['total']:.0f} s in all.",
         "",
         "Each condition's own measure with that condition alone (`single`) and with every condition (`all`), "

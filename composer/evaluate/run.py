@@ -43,6 +43,7 @@ class EvalSettings:
     pairs: Sequence[tuple[str, str]] | None = None
     runs: Sequence[str] | None = None  # None: every run; else these labels (conditions, 'all'), with 'none' always
     sheet_columns: int = 8  # scenes shown on the contact sheet
+    guide_masking: bool = False  # True: guide masking like any condition (the pipeline holds it in c1 by default)
 
 
 @dataclass
@@ -172,7 +173,8 @@ def generate(pipe, run: Run, conditions: Conditions, targets: Targets, settings:
         generators = [torch.Generator().manual_seed(settings.seed + int(k)) for k in index]
         edit = {"image": targets.sources[index], "mask": targets.mask[index]} if run.edit else {}
         out = pipe(run_conditions(run, conditions, index, count), num_inference_steps=settings.steps,
-                   guidance_scale=settings.guidance_scale, generator=generators, output_type="pt",
+                   guidance_scale=settings.guidance_scale, guide_masking=settings.guide_masking,
+                   generator=generators, output_type="pt",
                    precision=settings.precision, progress=False, size=pipe.sizes()[0], **edit).images
         parts.append(out.float().cpu())
         progress.update(len(index))
@@ -354,6 +356,7 @@ def evaluate(pipe, shards: Sequence[str] | str, settings: EvalSettings, scorer: 
         "model": None, "shards": list(shards) if not isinstance(shards, str) else [shards],
         "num": count, "steps": settings.steps if settings.steps is not None else pipe.sampling.steps,
         "guidance_scale": settings.guidance_scale if settings.guidance_scale is not None else pipe.sampling.guidance_scale,
+        "masking_guided": settings.guide_masking,
         "sampler": type(pipe.scheduler).__name__, "seed": settings.seed, "resolution": plan.size,
         "conditions": plan.names, "skipped": plan.skipped,
         "measures": {m: DESCRIPTIONS[m] for n in plan.names for m in MEASURES[n]},

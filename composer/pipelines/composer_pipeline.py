@@ -228,6 +228,7 @@ class ComposerPipeline(DiffusionPipeline):
         upsampler_steps: int | None = None,
         guidance_scale: float | None = None,
         away_from: Iterable[str] = (),
+        guide_masking: bool = False,
         condition_weights: Mapping[str, float] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_images_per_prompt: int = 1,
@@ -252,6 +253,9 @@ class ComposerPipeline(DiffusionPipeline):
         edit_feather: the edit's border fades in over this many base pixels (16 px at 1024), wholly inside the
         mask, after every stage and in the final composite (0: a hard border). edit_resample: RePaint's
         resampling in the base's region edit, each step taken this many times (1: off; ddpm or ddim only).
+        guide_masking: masking is held in guidance's c1 (and in every branch of condition_weights) unless this is
+        True or masking is named in away_from / condition_weights; guiding away from the known pixels makes a
+        region edit's fill ignore its surroundings (hole PSNR 12.1 dB unguided vs 11.2 at w = 3, docs/README).
         generator: one, or one per output image (a batch then equals its singles). Unset sampling arguments
         take the pipeline's saved defaults. callback_on_step_end(pipe, i, t, {"latents": x}) is called at
         every step of every stage (``pipe.current_stage`` names it) and may return {"latents": replacement}.
@@ -273,7 +277,9 @@ class ComposerPipeline(DiffusionPipeline):
             hook.resample = edit_resample
         # 5. Denoise with the shared sampling loop
         denoiser, self.current_stage = self.denoiser, "base"
-        guided = Guidance(denoiser, scale=settings["guidance_scale"], away_from=away_from, weights=condition_weights)
+        anchor = () if guide_masking else ("masking",)
+        guided = Guidance(denoiser, scale=settings["guidance_scale"], away_from=away_from, weights=condition_weights,
+                          anchor=anchor)
         x = sample(denoiser, scheduler, noise, conditions, num_inference_steps=settings["steps"], predict=guided,
                    generator=generator, edit=hook, on_step_end=self._callback(callback_on_step_end),
                    progress=self._progress(progress), autocast=lambda: autocast(settings["precision"], self.unet.device))
