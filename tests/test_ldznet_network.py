@@ -257,3 +257,37 @@ def test_train_command_writes_a_component_that_loads_and_resumes(pipeline, tmp_p
     segmenter = load_segmenter(pipeline, component=out / COMPONENT, device="cpu", precision="fp32")
     assert segmenter.predict(torch.rand(1, 3, SIZE, SIZE), ["the red star"]).shape == (1, 1, SIZE, SIZE)
     assert main([*args, "--set", "train.ldznet.scene_seed=99", "--out", str(tmp_path / "x")]) != 0
+
+
+def test_sigterm_in_ldznet_training_checkpoints_without_publishing_and_resume_finishes(pipeline, tmp_path, capsys,
+                                                                                     monkeypatch):
+    import os
+    import signal
+
+    from composer.ldznet.train import LDZNetTrainer
+
+    out = tmp_path / "run"
+    args = ["train", "--config", "train/ldznet-tiny", "--out", str(out),
+            "--set", f"train.ldznet.base={pipeline}", "--set", f"data.resolution={SIZE}", "--set", "data.batch_size=2",
+            "--set", "train.ldznet.widths=[8,16,32]", "--set", "train.ldznet.attention_dim=16",
+            "--set", "train.ldznet.heads=2", "--set", "train.ldznet.validation_scenes=2",
+            "--set", "train.checkpoint_every_images=100", "--set", "train.mixed_precision=fp32",
+            "--set", "train.total_images=8"]
+    real, steps = LDZNetTrainer.optimizer_step, []
+
+    def optimizer_step(self):
+        real(self)
+        steps.append(self.state.step)
+        if len(steps) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # between two steps, as from `kill` or a scheduler
+
+    monkeypatch.setattr(LDZNetTrainer, "optimizer_step", optimizer_step)
+    assert main(args) == 143
+    text = capsys.readouterr().out
+    assert "stopped by SIGTERM at 2 images" in text and "--resume auto" in text
+    assert [p.name for p in sorted((out / "checkpoints").glob("checkpoint-*"))] == ["checkpoint-000000000002"]
+    assert not (out / COMPONENT).exists()  # nothing half-trained is published
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    monkeypatch.setattr(LDZNetTrainer, "optimizer_step", real)
+    assert main([*args, "--resume", "auto"]) == 0
+    assert json.loads((out / "run_summary.json").read_text())["images_seen"] == 8 and (out / COMPONENT).is_dir()

@@ -33,6 +33,7 @@ from composer.ldznet.phrases import HELDOUT_SEED, referring_batch
 from composer.ldznet.segmenter import COMPONENT, Segmenter, component_config, load_base, save_component
 from composer.runtime import canonical_precision
 from composer.train.checkpoint import STATE_FILE, write_text_atomic
+from composer.train.loop import GracefulStop
 from composer.train.rundir import RunError, first_nonfinite, open_run, recorded_config
 from composer.train.schedule import make_lr_scheduler
 from composer.train.seeding import step_generator
@@ -99,16 +100,25 @@ class LDZNetTrainer:
         resumed = self.resume()
         save_config(recorded_config(self.cfg), self.out)
         started, start_images = time.time(), self.state.images_seen
-        # 3. Train to train.total_images, logging and checkpointing as configured
+        # 3. Train to train.total_images, logging and checkpointing as configured; SIGTERM or Ctrl-C ends the
+        #    step under way, writes a checkpoint and stops without publishing (a second signal kills)
         next_checkpoint = self.next_multiple(self.tcfg.checkpoint_every_images)
-        while self.state.images_seen < self.tcfg.total_images:
-            self.optimizer_step()
-            if next_checkpoint and self.state.images_seen >= next_checkpoint:
+        with GracefulStop() as stop:
+            while self.state.images_seen < self.tcfg.total_images and stop.signal_name is None:
+                self.optimizer_step()
+                if next_checkpoint and self.state.images_seen >= next_checkpoint:
+                    self.checkpoint()
+                    next_checkpoint = self.next_multiple(self.tcfg.checkpoint_every_images)
+            seconds = time.time() - started
+            if self.state.images_seen != start_images or not self.run_dir.store.latest():
                 self.checkpoint()
-                next_checkpoint = self.next_multiple(self.tcfg.checkpoint_every_images)
-        seconds = time.time() - started
-        if self.state.images_seen != start_images or not self.run_dir.store.latest():
-            self.checkpoint()
+        if stop.signal_name is not None:
+            print(f"stopped by {stop.signal_name} at {self.state.images_seen} images (step {self.state.step}); "
+                  "checkpoint written: continue with the same command and --resume auto", flush=True)
+            return {"images_seen": self.state.images_seen, "step": self.state.step, "last_loss": self.last_loss,
+                    "skipped_steps": self.state.skipped_steps, "pipeline": "not published (stopped early)",
+                    "seconds": round(seconds, 1), "resumed_from": str(resumed) if resumed else None,
+                    "stopped_by": stop.signal_name, "exit_code": stop.exit_code}
         # 4. Publish the component, validate it, summarise
         component = self.publish(seconds)
         validation = self.validate()
