@@ -126,7 +126,7 @@ def test_an_edit_keeps_the_original_size_and_every_outside_pixel_for_a_non_squar
     assert not torch.allclose(out[~outside], image[~outside])
 
 
-def test_an_edit_holds_masking_in_the_unconditional_branch_unless_told_to_guide_it(pipe):
+def test_an_edit_holds_masking_in_the_unconditional_branch_unless_told_to_guide_it_and_generate_guides_it(pipe):
     image = torch.rand(1, 3, 16, 16, generator=seed(8))
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., 4:12, 4:12] = 1
@@ -136,6 +136,13 @@ def test_an_edit_holds_masking_in_the_unconditional_branch_unless_told_to_guide_
     guided = pipe(generator=seed(0), guide_masking=True, **edit).images
     torch.testing.assert_close(held, explicit, atol=1e-5, rtol=0)  # default c1 = {masking}
     assert (held - guided).abs().max() > 1e-3  # c1 = {} guides away from the known pixels too
+    # outside a region edit a masking condition is guided like any other
+    plain = dict(images={"palette": edit["images"]["palette"]}, **FAST)
+    given = Conditions({"masking": torch.rand(1, 4, 16, 16, generator=seed(10))})
+    torch.testing.assert_close(pipe(given, generator=seed(0), **plain).images,
+                               pipe(given, generator=seed(0), guide_masking=True, **plain).images, atol=0, rtol=0)
+    assert (pipe(given, generator=seed(0), **plain).images - pipe(given, generator=seed(0), away_from=["masking"],
+                                                                     **plain).images).abs().max() > 1e-3
 
 
 def test_an_rgba_mask_uses_its_alpha_channel(pipe):

@@ -36,8 +36,8 @@ def register(subparsers) -> None:
     parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--guidance", type=finite_float, default=None, help="guidance weight (default: the model's)")
     parser.add_argument("--guide-masking", action="store_true",
-                        help="guide masking like any condition (default: held in guidance's c1, keeping the known "
-                             "pixels in both branches)")
+                        help="guide masking like any condition in the region-edit run (default: held in guidance's "
+                             "c1, keeping the known pixels in both branches)")
     parser.add_argument("--seed", type=int, default=0, help="sample k starts from the noise seeded by SEED + k")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per sampling call (default 16)")
     parser.add_argument("--pairs", default=None, metavar="A+B,C+D",

@@ -31,8 +31,8 @@ def _add_condition_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=finite_float, default=None, help="guidance weight w (default: the model's, 3)")
     parser.add_argument("--away-from", default="", help="comma-separated conditions to guide away from (c1)")
     parser.add_argument("--guide-masking", action="store_true",
-                        help="guide masking like any condition (default: masking is held in c1, so a region "
-                             "edit's fill is not pushed away from the known pixels)")
+                        help="in a region edit, guide masking like any condition (default: masking is held in "
+                             "c1, so the fill is not pushed away from the known pixels)")
     parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's, 25)")
     parser.add_argument("--scheduler", choices=SAMPLER_NAMES, default=None, help="sampler (default: the model's)")
     parser.add_argument("--size", type=positive_int, default=None,

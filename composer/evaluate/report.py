@@ -52,7 +52,7 @@ def markdown(result: Mapping[str, Any]) -> str:
         "",
         f"{result['num']} held-out scenes ({', '.join(result['shards'])}), {result['steps']} steps of "
         f"{result['sampler']}, guidance {result['guidance_scale']} "
-        f"({'masking guided too' if result.get('masking_guided') else 'masking held in c1'}), seeds {result['seed']}..{result['seed'] + result['num'] - 1}, "
+        f"({'masking guided in edits' if result.get('masking_guided') else 'masking held in c1 in edits'}), seeds {result['seed']}..{result['seed'] + result['num'] - 1}, "
         f"{result['resolution']} px; {result['seconds']['total']:.0f} s in all.",
         "",
         "Each condition's own measure with that condition alone (`single`) and with every condition (`all`), "

@@ -43,7 +43,7 @@ class EvalSettings:
     pairs: Sequence[tuple[str, str]] | None = None
     runs: Sequence[str] | None = None  # None: every run; else these labels (conditions, 'all'), with 'none' always
     sheet_columns: int = 8  # scenes shown on the contact sheet
-    guide_masking: bool = False  # True: guide masking like any condition (the pipeline holds it in c1 by default)
+    guide_masking: bool = False  # True: guide masking in the edit run too (the pipeline holds it in c1 in edits)
 
 
 @dataclass
