@@ -6,8 +6,8 @@
 
 pred = pred(x_t, c1) + w * (pred(x_t, c2) - pred(x_t, c1)), c2 = every condition given, c1 = ``away_from``
 (empty by default); with per-condition weights pred = pred(empty) + sum_i w_i (pred(c_i) - pred(empty)).
-``anchor`` names conditions held in every branch (c1 too) and so never guided: the pipeline anchors
-``masking``, since guiding away from the known pixels pushes a region edit's fill away from its
+``anchor`` names conditions held in every branch (c1 too) and so never guided: in region edits the
+pipeline anchors ``masking``, since guiding away from the known pixels pushes the fill away from its
 surroundings (as in SD-inpainting and Composer, whose unconditional branch keeps the masked image).
 Both are affine combinations (their weights sum to 1), so guiding eps, v or x0 predictions gives the same
 result: guidance works on whatever the denoiser predicts.
