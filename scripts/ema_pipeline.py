@@ -1,6 +1,6 @@
 """A pipeline folder from a long run's EMA snapshot (scripts/snapshot_ema.py), to evaluate or sample it.
 
-    python scripts/ema_pipeline.py assets/wip/tiny-long-b assets/demo-model runs/b116
+    python scripts/ema_pipeline.py runs/snapshot assets/demo-model runs/b116
     composer-diffusion evaluate --model runs/b116 --shards "data/scenes-heldout/scenes-*.tar" --out runs/eval-b116
 
 OUT is a copy of BASE (its decomposers, stages and sampling defaults) whose base UNet holds the snapshot's

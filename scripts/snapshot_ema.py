@@ -1,7 +1,7 @@
 """Keep a long run's EMA weights across sessions: the newest checkpoint's EMA, in fp16, into a small folder
 that `train.init_from` accepts (ema.safetensors + training_state.json), written atomically over the old copy.
 
-    python scripts/snapshot_ema.py runs/tiny-long-b assets/wip/tiny-long-b
+    python scripts/snapshot_ema.py runs/tiny-long-b runs/snapshot
 
 fp16 halves the file (7.2 M parameters: 14 MB); the run continues from it with a fresh optimizer (warm start).
 """
