@@ -417,6 +417,20 @@ def test_replace_base_swaps_the_unet_keeps_the_stages_and_drops_what_the_old_bas
         torch.testing.assert_close(loaded.unet.state_dict()[key], value, rtol=0, atol=0)
     assert [s.settings.name for s in loaded.upsamplers] == ["upsampler_256", "upsampler_1024"]
     assert not (folder / "ldznet").exists()
+    # a checkpoint / EMA snapshot folder (ema.safetensors, keys unet.*, fp16 as snapshot_ema writes it)
+    from safetensors.torch import save_file
+
+    torch.manual_seed(8)
+    snap = ComposerUNet(**model_kwargs("tiny", BASE, pipe.decomposers.specs())).eval()
+    (tmp_path / "snapshot").mkdir()
+    save_file({f"unet.{k}": v.half() for k, v in snap.state_dict().items()}, str(tmp_path / "snapshot" / "ema.safetensors"))
+    assert main(["pipeline", "replace-base", str(folder), str(tmp_path / "snapshot")]) == 0
+    loaded = ComposerPipeline.from_pretrained(folder)
+    for key, value in snap.state_dict().items():
+        torch.testing.assert_close(loaded.unet.state_dict()[key], value.half().to(loaded.unet.dtype), rtol=0, atol=0)
+    save_file({"unet.extra.weight": torch.zeros(1)}, str(tmp_path / "snapshot" / "ema.safetensors"))
+    with pytest.raises(ValueError, match="do not fit the pipeline's UNet"):
+        layout.replace_base(folder, tmp_path / "snapshot")
     other = ComposerUNet(**model_kwargs("tiny", BASE, DecomposerSet(["palette"]).specs()))
     other.save_pretrained(tmp_path / "other-unet")
     with pytest.raises(ValueError, match="not the same model family"):

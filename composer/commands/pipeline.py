@@ -1,6 +1,6 @@
 """`composer-diffusion pipeline`: change a pipeline folder in place, atomically (a crash leaves the old folder).
 
-    composer-diffusion pipeline replace-base PIPELINE NEW_BASE     # NEW_BASE: a run's pipeline/ or a unet/ folder
+    composer-diffusion pipeline replace-base PIPELINE NEW_BASE     # NEW_BASE: pipeline/, unet/, checkpoint or EMA snapshot
     composer-diffusion pipeline attach-stage PIPELINE STAGE [--name upsampler_256|upsampler_1024]
     composer-diffusion pipeline attach-segmenter PIPELINE LDZNET   # a trained LD-ZNet component (runs/.../ldznet)
     composer-diffusion pipeline upgrade FOLDER [--fp16]            # a wave-1 folder to today's layout

@@ -301,9 +301,34 @@ def attach_stage(pipeline: str | os.PathLike, stage: str | os.PathLike, *, name:
     return publish(pipe, pipeline, weights_dtype=stored_dtype(pipeline / "unet"))
 
 
+def _snapshot_unet(source: Path, like: Any) -> Any:
+    """The base UNet held by a checkpoint or EMA snapshot folder (ema.safetensors, else model.safetensors, keys
+    ``unet.*``), built with the architecture of ``like`` (the pipeline's UNet), or None for other folders."""
+    from safetensors.torch import load_file
+
+    from composer.models.unet import ComposerUNet
+
+    path = next((source / n for n in ("ema.safetensors", "model.safetensors") if (source / n).is_file()), None)
+    if path is None:
+        return None
+    state = {k[len("unet."):]: v.float() for k, v in load_file(path).items() if k.startswith("unet.")}
+    unet = ComposerUNet.from_config(like.config)
+    own = unet.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shaped = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if missing or unexpected or shaped:
+        first = (missing or unexpected or shaped)[0]
+        raise ValueError(f"{path}'s base UNet weights do not fit the pipeline's UNet ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected, {len(shaped)} of another shape, e.g. {first}): not the same "
+                         "model preset")
+    unet.load_state_dict(state)
+    return unet
+
+
 def replace_base(pipeline: str | os.PathLike, source: str | os.PathLike, *, trust_pickle: bool = False) -> Path:
-    """Put the base UNet of ``source`` (a pipeline or UNet folder, e.g. a run's EMA pipeline/) into pipeline
-    folder ``pipeline``, atomically, in the folder's stored dtype; its stages and decomposers stay. Components
+    """Put the base UNet of ``source`` (a pipeline or UNet folder, e.g. a run's EMA pipeline/, or a checkpoint
+    or EMA snapshot folder, whose weights fill the pipeline's own UNet architecture) into pipeline folder
+    ``pipeline``, atomically, in the folder's stored dtype; its stages and decomposers stay. Components
     trained on the old base's features (EXTRA_COMPONENTS: the LD-ZNet segmenter) are removed, since they
     would no longer load against it: retrain and attach them again."""
     from composer.models.unet import ComposerUNet
@@ -311,7 +336,7 @@ def replace_base(pipeline: str | os.PathLike, source: str | os.PathLike, *, trus
 
     pipeline = Path(pipeline)
     pipe = ComposerPipeline.from_pretrained(pipeline, trust_pickle=trust_pickle)
-    unet = ComposerUNet.from_pretrained(unet_folder(source))
+    unet = _snapshot_unet(Path(source), pipe.unet) or ComposerUNet.from_pretrained(unet_folder(source))
     if sorted(unet.accepted_conditions) != sorted(pipe.unet.accepted_conditions):
         raise ValueError(f"{source}'s UNet takes {', '.join(unet.accepted_conditions)}, the pipeline's "
                          f"{', '.join(pipe.unet.accepted_conditions)}: they are not the same model family")
@@ -338,7 +363,7 @@ def upgrade(folder: str | os.PathLike, *, weights_dtype: Any = None) -> Path:
 
 USAGE = ("usage: python -m composer.pipelines.layout upgrade FOLDER [--fp16]\n"
          "       python -m composer.pipelines.layout attach PIPELINE STAGE_FOLDER [--name upsampler_256|upsampler_1024]\n"
-         "       python -m composer.pipelines.layout replace-base PIPELINE NEW_BASE  (a run's pipeline/ or a unet/)")
+         "       python -m composer.pipelines.layout replace-base PIPELINE NEW_BASE  (a run's pipeline/, a unet/ or a checkpoint)")
 
 if __name__ == "__main__":
     import sys
