@@ -80,6 +80,21 @@ def test_two_steps_write_a_checkpoint_and_a_pipeline_generate_loads(shards, tmp_
     code = main(["generate", "--model", str(out / "pipeline"), "--steps", "2", "--out", str(image)])
     assert code == 0 and image.is_file()
 
+    # the grid's masking row is the region edit a user runs: every pixel outside the centre is the source's
+    from composer.pipelines import ComposerPipeline
+    from composer.train.samples import centre_mask, grid_rows, held_out_batch
+
+    cfg = make_config(shards, out)
+    pipe = ComposerPipeline.from_pretrained(out / "pipeline", device="cpu")
+    images, rows = grid_rows(pipe, held_out_batch(cfg, "cpu"))
+    rows = dict(rows)
+    outside = centre_mask(images) == 0
+    assert set(rows) == {"all", "none", "palette", "sketch", "intensity", "masking"}
+    masked = rows["masking"].float().cpu().expand_as(images)
+    keep = outside.expand_as(images)
+    assert torch.equal(masked[keep], images.cpu()[keep])
+    assert not torch.equal(rows["palette"].float().cpu()[keep], images.cpu()[keep])
+
 
 def test_resume_repeats_the_uninterrupted_run(shards, tmp_path):
     """Resuming from a mid-run checkpoint gives the same weights, LR, data order and losses as never stopping."""

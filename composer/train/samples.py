@@ -93,20 +93,33 @@ def sample_grid(pipeline_dir: str | Path, batch: dict | None, images_seen: int, 
     """EMA samples of a pipeline folder for a held-out batch under all, none and each single condition, with
     the pipeline's saved sampling defaults; written to ``out`` (default PIPELINE/../samples/grid-N.png)."""
     from composer.pipelines import ComposerPipeline, layout
-    from composer.train.step import batch_extras
 
     pipeline_dir = Path(pipeline_dir)
     if batch is None or not layout.is_pipeline_folder(pipeline_dir):
         return None
     pipe = ComposerPipeline.from_pretrained(pipeline_dir, device=device)
-    images = batch["image"].to(pipe.device)
-    conditions = pipe.decomposers.decompose(images, captions=batch["caption"], extras=batch_extras(batch, pipe.device),
-                                            training=False, mask=centre_mask(images))
-    rows = []
-    for label, names in condition_subsets(pipe.decomposers.names):
-        generators = [torch.Generator().manual_seed(1000 + i) for i in range(images.shape[0])]
-        rows.append((label, pipe(conditions.subset(names), generator=generators, output_type="pt", progress=False,
-                                   size=pipe.sizes()[0]).images))
+    images, rows = grid_rows(pipe, batch)
     grid = compose_grid(images.cpu(), rows)
     path = save_grid(grid, out or pipeline_dir.parent / "samples" / f"grid-{images_seen:012d}.png")
     return path, grid
+
+
+@torch.no_grad()
+def grid_rows(pipe, batch: dict) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+    """(the batch's images, [(row label, samples (B, 3, H, W) in [0, 1])]) of a training grid."""
+    from composer.train.step import batch_extras
+
+    images = batch["image"].to(pipe.device)
+    mask = centre_mask(images)
+    conditions = pipe.decomposers.decompose(images, captions=batch["caption"], extras=batch_extras(batch, pipe.device),
+                                            training=False, mask=mask)
+    rows = []
+    for label, names in condition_subsets(pipe.decomposers.names):
+        generators = [torch.Generator().manual_seed(1000 + i) for i in range(images.shape[0])]
+        # masking alone is drawn as the region edit a user runs (`edit`: the known pixels pasted back and held
+        # in guidance's c1), not as a guided condition, whose fill shows as a box
+        edit = {"image": images, "mask": mask} if names == ["masking"] else {}
+        subset = conditions.subset([] if edit else names)
+        rows.append((label, pipe(subset, generator=generators, output_type="pt", progress=False,
+                                 size=pipe.sizes()[0], **edit).images))
+    return images, rows
