@@ -9,7 +9,8 @@ Rows of the training table (fwd + bwd + clip + AdamW at the same batch, best of 
   what a user would write instead of this project;
 - the same in bf16 autocast;
 - ComposerUNet (adapters included) as wave 1 trained it: bf16, NCHW, AdamW's loop;
-- ComposerUNet as `train` runs it by default: bf16, NCHW, fused AdamW; then channels_last; with --compile
+- ComposerUNet as `train` runs it by default: bf16, NCHW, fused AdamW; then channels_last, without and with
+  NHWCGroupNorm (what train.memory_format=channels_last runs); with --compile
   also torch.compile'd (its cold and warm compile times are printed).
 On a CPU without native bf16 (AVX2 only) the ComposerUNet rows run in fp32, as `train` does there, and the
 bf16 rows are left out (emulated bf16 takes about a minute per step; --force-bf16 adds them).
@@ -32,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from composer.conditions import Conditions, ConditionSpec  # noqa: E402
 from composer.diffusion.guidance import guided_prediction  # noqa: E402
 from composer.models.config import count_parameters, model_kwargs  # noqa: E402
+from composer.models.groupnorm import use_nhwc_group_norm  # noqa: E402
 from composer.models.unet import ComposerUNet  # noqa: E402
 from composer.runtime import cpu_capability, cpu_supports_bf16  # noqa: E402
 
@@ -160,6 +162,9 @@ def main() -> None:
     row(f"ComposerUNet, {name}, NCHW, fused AdamW (train default)", ours, lambda: ours(x, t, c), compute, True)
     ours = ours.to(memory_format=torch.channels_last)
     row(f"ComposerUNet, {name}, channels_last, fused AdamW", ours, lambda: ours(x, t, c), compute, True)
+    use_nhwc_group_norm(ours)  # what train.memory_format=channels_last runs since 2026-12-03
+    row(f"ComposerUNet, {name}, channels_last + NHWCGroupNorm, fused AdamW", ours, lambda: ours(x, t, c), compute,
+        True)
     if args.compile:
         start = time.perf_counter()
         ours.unet.compile()
@@ -200,7 +205,7 @@ def end_to_end(args, peak: float) -> None:
     print("|---|---|---|")
     settings = {"wave 1 (NCHW, AdamW loop)": ["train.memory_format=contiguous", "train.fused_optimizer=false"],
                 "today's defaults (NCHW, fused AdamW)": [],
-                "channels_last, fused AdamW": ["train.memory_format=channels_last"]}
+                "channels_last (+ NHWCGroupNorm), fused AdamW": ["train.memory_format=channels_last"]}
     for label, overrides in settings.items():
         cfg = load_config([args.config], overrides)
         step, _ = build_step(cfg)
