@@ -15,6 +15,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from decomposers.paths import TRUST_PICKLE_ENV
 
@@ -141,6 +142,24 @@ def _is_library_error(error: BaseException) -> bool:
     return _is_config_error(error)
 
 
+def report_to_launcher(message: str) -> None:
+    """Under torchrun / ``accelerate launch`` (which set TORCHELASTIC_ERROR_FILE), leave the one-line error
+    where the launcher reads it, so its failure summary names the problem instead of "error_file: <N/A>"."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        import json
+        import time
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(f"{path}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+        os.replace(temporary, path)
+    except OSError:
+        pass  # the line is on stderr already; the launcher's summary is a courtesy
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("YOLO_OFFLINE", "1")
     # Offline by default: a hub id or open_clip tag that is not cached fails at once instead of downloading
@@ -164,7 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         line, code = error_line(error)
-        print(f"composer-diffusion {args.command}: error: {line}", file=sys.stderr)
+        message = f"composer-diffusion {args.command}: error: {line}"
+        print(message, file=sys.stderr)
+        report_to_launcher(message)
         return code
     finally:
         if getattr(args, "trust_pickle", False):

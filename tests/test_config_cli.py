@@ -52,3 +52,19 @@ def test_train_refuses_zero_images_before_touching_the_output_dir(tmp_path, caps
     assert main(["train", "--set", "train.total_images=0", "--set", f"output_dir={out}"]) == 2
     assert "train.total_images must be at least 1" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_refusal_under_a_launcher_is_left_in_its_error_file(tmp_path, monkeypatch, capsys):
+    """torchrun / accelerate launch set TORCHELASTIC_ERROR_FILE; their failure summary then shows our line."""
+    import json
+
+    error_file = tmp_path / "elastic" / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("composer-diffusion train: error:") and "missing.yaml" in line
+    data = json.loads(error_file.read_text())
+    assert data["message"] == line and data["timestamp"] > 0
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")
+    error_file.unlink()
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2 and not error_file.exists()
