@@ -47,7 +47,7 @@ def build_step(cfg) -> tuple[TrainingStep, torch.nn.Module]:
     trainable = {n: d for n, d in decomposers.decomposers.items() if getattr(d, "trainable", False)}
     unet = build_model(cfg.model, decomposers.specs())
     module = TrainingModule(unet, trainable).train()
-    apply_memory_format(module, tcfg.memory_format)
+    apply_memory_format(module, tcfg.memory_format, accelerator.device, accelerator.mixed_precision)
     optimizer = make_optimizer(module, tcfg, accelerator.device)
     lr_scheduler = make_lr_scheduler(optimizer, images_per_step=int(cfg.data.batch_size), warmup_images=0,
                                      total_images=10**9, schedule="constant", min_factor=1.0)

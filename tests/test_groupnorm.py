@@ -60,3 +60,20 @@ def test_state_dict_keys_do_not_change_and_no_grad_uses_the_plain_path():
     with torch.no_grad():
         out = model(x)
     assert out.grad_fn is None and out.shape == (2, 8, 7, 7)
+
+
+def test_memory_format_auto_and_what_apply_does():
+    from composer.train.loop import apply_memory_format, resolve_memory_format
+
+    assert resolve_memory_format("auto", "cpu", "bf16") == "channels_last"
+    assert resolve_memory_format("auto", "cpu", "no") == "contiguous"
+    assert resolve_memory_format("auto", "cuda", "bf16") == "contiguous"
+    assert resolve_memory_format("contiguous", "cpu", "bf16") == "contiguous"
+    with pytest.raises(ValueError, match="train.memory_format must be auto, channels_last, contiguous"):
+        resolve_memory_format("nhwc", "cpu", "bf16")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8))
+    assert apply_memory_format(model, "auto", "cpu", "bf16") == "channels_last"
+    assert isinstance(model[1], NHWCGroupNorm) and model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    other = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8))
+    assert apply_memory_format(other, "auto", "cpu", "no") == "contiguous"
+    assert type(other[1]) is nn.GroupNorm and other[0].weight.is_contiguous()

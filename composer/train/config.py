@@ -34,13 +34,15 @@ class TrainConfig:
     mixed_precision: str = "auto"  # "auto" (bf16 where supported, else fp32), "bf16", "fp16" (GPU only), "no"
     device: str = "auto"  # "auto" (GPU when present), or "cpu" to force the CPU
     # Speed (README "Training speed"; bench/model.py and bench/train.py measure each). memory_format:
-    # "contiguous" (NCHW) or "channels_last" (NHWC, what cuDNN prefers on GPUs); on this CPU channels_last
-    # made the tiny run slower end to end (14.6 vs 16.0 images/s): torch 2.14's bf16 GroupNorm backward is
-    # 12x slower on NHWC tensors (16.8 vs 1.4 ms at 16x32x64x64). fused_optimizer: AdamW's fused kernel (CPU and CUDA) instead of a loop over ~400 tensors.
+    # "auto" (channels_last on a CPU that runs bf16 natively, else contiguous), "contiguous" (NCHW) or
+    # "channels_last" (NHWC; every GroupNorm then takes its backward through the NCHW kernel, since torch
+    # 2.14's NHWC bf16 GroupNorm backward is ~20x slower: composer.models.groupnorm). On the AVX-512 machine,
+    # whole `train` runs of 960 images, A B A B: channels_last took 0.946x the wall time of NCHW (2026-12-03).
+    # fused_optimizer: AdamW's fused kernel (CPU and CUDA) instead of a loop over ~400 tensors.
     # compile: torch.compile the UNet (measured here: ~170 s cold, ~8 s warm, ~10 % faster steps; worth it
     # for runs of an hour or more). threads: "auto" takes the cores other processes leave free, re-checked
     # every 25 steps (two runs with 2 threads each on 2 cores collapse to ~1 image/s), or a fixed count.
-    memory_format: str = "contiguous"
+    memory_format: str = "auto"
     fused_optimizer: bool = True
     compile: bool = False
     threads: str = "auto"
