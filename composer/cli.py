@@ -148,14 +148,14 @@ def report_to_launcher(message: str) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    try:
-        import json
-        import time
+    import json
+    import time
 
+    from composer.train.checkpoint import write_text_atomic
+
+    try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        temporary = Path(f"{path}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
-        os.replace(temporary, path)
+        write_text_atomic(path, json.dumps({"message": message, "timestamp": int(time.time())}))
     except OSError:
         pass  # the line is on stderr already; the launcher's summary is a courtesy
 

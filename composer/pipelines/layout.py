@@ -306,21 +306,18 @@ def _snapshot_unet(source: Path, like: Any) -> Any:
     ``unet.*``), built with the architecture of ``like`` (the pipeline's UNet), or None for other folders."""
     from safetensors.torch import load_file
 
-    from composer.models.unet import ComposerUNet
+    from composer.models.unet import ComposerUNet, check_state_dict
 
     path = next((source / n for n in ("ema.safetensors", "model.safetensors") if (source / n).is_file()), None)
     if path is None:
         return None
     state = {k[len("unet."):]: v.float() for k, v in load_file(path).items() if k.startswith("unet.")}
     unet = ComposerUNet.from_config(like.config)
-    own = unet.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shaped = [k for k in state if k in own and own[k].shape != state[k].shape]
-    if missing or unexpected or shaped:
-        first = (missing or unexpected or shaped)[0]
-        raise ValueError(f"{path}'s base UNet weights do not fit the pipeline's UNet ({len(missing)} missing, "
-                         f"{len(unexpected)} unexpected, {len(shaped)} of another shape, e.g. {first}): not the same "
-                         "model preset")
+    try:
+        check_state_dict(unet, state, path)
+    except ValueError as error:
+        raise ValueError(f"{path}'s base UNet weights do not fit the pipeline's UNet, not the same model preset: "
+                         f"{error}") from None
     unet.load_state_dict(state)
     return unet
 
