@@ -433,3 +433,29 @@ def test_the_photos_preset_trains_on_img2dataset_shards_with_one_setting(tmp_pat
     summary = train(cfg)
     assert summary["step"] == 2 and summary["skipped_steps"] == 0
     assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
+
+
+def test_a_script_that_stops_reading_a_loader_exits(tmp_path):
+    # a user's script takes a few batches at module level and ends: its workers ignore SIGTERM (so a signal to
+    # the whole group cannot crash a trainer), so multiprocessing's exit hook alone (terminate + join) would wait
+    # for them forever; the loader must stop its live workers itself when the interpreter exits
+    shard = _write_tar(tmp_path / "a.tar", [(f"k{j}", {"png": GOOD}) for j in range(8)])
+    script = textwrap.dedent(f"""
+        from composer.config import load_config
+        from composer.data.loader import make_loader
+        cfg = load_config([], ["data.shuffle_buffer=0", "data.resolution=8", "data.batch_size=2",
+                               "data.num_workers=1"])
+        cfg.data.shards = [{str(shard)!r}]
+        batches = iter(make_loader(cfg.data, seed=0))  # streams forever: never exhausted
+        print(tuple(next(batches)["image"].shape), flush=True)
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env, cwd=ROOT)
+    try:
+        out, _ = child.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        pytest.fail("the script never exited: the loader's worker kept its interpreter waiting at exit")
+    assert child.returncode == 0
+    assert out.strip() == b"(2, 3, 8, 8)"

@@ -28,13 +28,16 @@ it yields no batch at all. Loader workers are killed when their parent process d
 
 from __future__ import annotations
 
+import atexit
 import functools
 import glob
 import itertools
+import multiprocessing.util  # noqa: F401  (its exit hook is registered first, so ours runs before it)
 import os
 import re
 import signal
 import sys
+import weakref
 from collections import Counter, deque
 from collections.abc import Iterator
 from typing import Any
@@ -78,6 +81,20 @@ def _die_with_parent(parent: int, worker_id: int) -> None:
             pass
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
+
+
+# Worker iterators still running. The workers ignore SIGTERM (above), so multiprocessing's own exit hook, which
+# terminates daemonic children and then joins them, would wait forever for the workers of a loader a script
+# stopped reading; this hook, registered after it and so run before it, stops them the way the trainer does.
+_LIVE_WORKERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_workers() -> None:
+    for items in list(_LIVE_WORKERS):
+        shutdown = getattr(items, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def _fix_for(reason: str, missing: dict[str, int], cfg: DataConfig, shards_key: str) -> str:
@@ -378,12 +395,15 @@ class Loader:
         done: set[int] = set()
         missing: Counter = Counter()
         items = iter(loader)
+        if self.num_workers:
+            _LIVE_WORKERS.add(items)
         try:
             yield from self._sequence(items, queues, done, workers, missing)
         finally:  # stop the workers now, also when the stream fails (the traceback would keep them alive)
             shutdown = getattr(items, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
+            _LIVE_WORKERS.discard(items)
         self._next_worker = 0
 
     def _sequence(self, items, queues, done, workers, missing) -> Iterator[dict[str, Any]]:
