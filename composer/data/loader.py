@@ -89,12 +89,18 @@ def _die_with_parent(parent: int, worker_id: int) -> None:
 _LIVE_WORKERS: weakref.WeakSet = weakref.WeakSet()
 
 
+def _stop_workers(items: Any) -> None:
+    """End the worker processes of a DataLoader iterator (a no-op for one without workers)."""
+    shutdown = getattr(items, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    _LIVE_WORKERS.discard(items)
+
+
 @atexit.register
 def _stop_live_workers() -> None:
     for items in list(_LIVE_WORKERS):
-        shutdown = getattr(items, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        _stop_workers(items)
 
 
 def _fix_for(reason: str, missing: dict[str, int], cfg: DataConfig, shards_key: str) -> str:
@@ -400,10 +406,7 @@ class Loader:
         try:
             yield from self._sequence(items, queues, done, workers, missing)
         finally:  # stop the workers now, also when the stream fails (the traceback would keep them alive)
-            shutdown = getattr(items, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
-            _LIVE_WORKERS.discard(items)
+            _stop_workers(items)
         self._next_worker = 0
 
     def _sequence(self, items, queues, done, workers, missing) -> Iterator[dict[str, Any]]:
