@@ -6,11 +6,19 @@ For each condition's measure: the floor (none) and ceiling (source) of the first
 single and all scores with their share of the floor-to-ceiling gap. Reports must come from the same
 held-out scenes and seeds (evaluate prints both at the top of results.md) to be comparable.
 FID rows (scene-CLIP FID per run) follow.
+
+    python scripts/compare_evaluations.py --paired "shipped=eval/a/results.md" "new=eval/b/results.md"
+
+--paired adds, for every later report, each measure's mean difference from the first report over the same
+scenes (single and all runs), with its paired standard error, read from the results.json beside each
+results.md: a difference under two standard errors is within the noise of this many scenes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 from pathlib import Path
 
 
@@ -37,16 +45,60 @@ def parse(path: Path) -> tuple[dict[tuple[str, str], list[str]], dict[str, str],
     return rows, fids, header
 
 
+def paired_difference(first: list[float], other: list[float]) -> tuple[float, float]:
+    """Mean of other - first over the same scenes and its standard error (sample sd / sqrt(n))."""
+    if len(first) != len(other) or len(first) < 2:
+        raise SystemExit(f"error: paired scores need the same scenes in both reports ({len(first)} against "
+                         f"{len(other)}); evaluate both with the same --shards, --num and --seed")
+    diffs = [b - a for a, b in zip(first, other)]
+    mean = sum(diffs) / len(diffs)
+    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean, math.sqrt(variance / len(diffs))
+
+
+def per_image(results_md: Path) -> dict[str, dict[str, dict[str, list[float]]]]:
+    path = results_md.with_name("results.json")
+    if not path.is_file():
+        raise SystemExit(f"error: --paired needs {path} beside {results_md} (evaluate writes both)")
+    return json.loads(path.read_text())["per_image"]
+
+
+def paired_table(reports: list[tuple[str, Path]]) -> None:
+    first_label, scores = reports[0][0], [per_image(p) for _, p in reports]
+    print("\n| condition | measure | run | " + " | ".join(
+        f"{label} - {first_label} (se)" for label, _ in reports[1:]) + " |")
+    print("|" + "---|" * (3 + len(reports) - 1))
+    for condition, measures in scores[0].get("all", {}).items():  # the all run scores every condition
+        for run in (condition, "all"):
+            for measure in measures:
+                base = scores[0].get(run, {}).get(condition, {}).get(measure)
+                if base is None or not isinstance(base, list):
+                    continue
+                cells = []
+                for other in scores[1:]:
+                    got = other.get(run, {}).get(condition, {}).get(measure)
+                    if got is None:
+                        cells.append("n/a")
+                        continue
+                    mean, error = paired_difference(base, got)
+                    cells.append(f"{mean:+.3f} ({error:.3f})")
+                print(f"| {condition} | {measure} | {'single' if run == condition else run} | "
+                      + " | ".join(cells) + " |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("reports", nargs="+", help="LABEL=results.md")
+    parser.add_argument("--paired", action="store_true",
+                        help="add mean differences from the first report with paired standard errors")
     args = parser.parse_args(argv)
-    reports = []
+    reports, paths = [], []
     for item in args.reports:
         label, _, path = item.partition("=")
         if not path:
             raise SystemExit(f"error: {item!r} must be LABEL=path/to/results.md")
         reports.append((label, *parse(Path(path))))
+        paths.append((label, Path(path)))
     for label, _, _, header in reports:
         print(f"- {label}: {header[:160]}")
     first = reports[0][1]
@@ -66,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         print("|" + "---|" * (1 + len(reports)))
         for run in runs:
             print(f"| {run} | " + " | ".join(fids.get(run, "n/a") for _, _, fids, _ in reports) + " |")
+    if args.paired and len(paths) > 1:
+        paired_table(paths)
     return 0
 
 
