@@ -152,6 +152,36 @@ def test_an_anchored_condition_is_held_in_every_branch_and_not_guided():
         torch.testing.assert_close(own, empty + 2.0 * (masking - empty), atol=1e-5, rtol=1e-4)
 
 
+def test_guidance_rescale_moves_the_spread_to_the_conditional_predictions():
+    model = tiny_model()
+    conditions = fake_conditions(2)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor(250)
+    with torch.no_grad():
+        plain = model(x, t, conditions)
+        guided = guided_prediction(model, x, t, conditions, 3.0)
+        full = Guidance(model, scale=3.0, rescale=1.0)(x, t, conditions)
+        half = Guidance(model, scale=3.0, rescale=0.5)(x, t, conditions)
+        torch.testing.assert_close(Guidance(model, scale=3.0, rescale=0.0)(x, t, conditions), guided)
+    dims = (1, 2, 3)
+    # phi = 1: each sample's std equals the conditional prediction's, its direction is the guided one's
+    torch.testing.assert_close(full.std(dim=dims), plain.std(dim=dims), atol=1e-5, rtol=1e-4)
+    ratio = full / guided
+    torch.testing.assert_close(ratio, ratio.flatten(1)[:, :1, None, None].expand_as(ratio), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(full.std(dim=dims), guided.std(dim=dims), rtol=1e-2)  # guidance did widen it
+    torch.testing.assert_close(half, 0.5 * full + 0.5 * guided, atol=1e-5, rtol=1e-4)  # phi mixes linearly
+
+
+@pytest.mark.parametrize("rescale", [-0.1, 1.5, float("nan")])
+def test_guidance_rescale_outside_zero_to_one_is_refused(rescale):
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        Guidance(tiny_model(), scale=3.0, rescale=rescale)
+
+
+def test_guidance_rescale_with_condition_weights_is_refused():
+    with pytest.raises(ValueError, match="per-condition weights"):
+        Guidance(tiny_model(), weights={"palette": 2.0}, rescale=0.7)
+
+
 def test_dropout_frequencies_match_their_probabilities():
     policy = DropoutPolicy(default_p=0.5, per_condition={"intensity": 0.7}, p_drop_all=0.1, p_keep_all=0.1,
                            p_only={"slots": 0.1})

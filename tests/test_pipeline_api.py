@@ -178,3 +178,20 @@ def test_non_finite_inputs_are_refused_before_sampling(pipe):
         pipe(guidance_scale=float("inf"), **FAST)
     with pytest.raises(ValueError, match="multiples"):
         pipe(height=7, **FAST)
+
+
+def test_guidance_rescale_is_a_saved_default_and_an_argument(pipe, folder):
+    image = torch.rand(1, 3, 16, 16)
+    kwargs = dict(images={"palette": image, "intensity": image}, **FAST)
+    plain = pipe(generator=seed(2), **kwargs).images
+    rescaled = pipe(generator=seed(2), guidance_rescale=0.7, **kwargs).images
+    assert not torch.allclose(plain, rescaled, atol=1e-4)
+    # saved with the folder as the default: the loaded pipeline samples as the argument did
+    loaded = ComposerPipeline.from_pretrained(folder)
+    loaded.register_to_config(sampling={**loaded.config.sampling, "guidance_rescale": 0.7})
+    loaded.save_pretrained(folder.parent / "rescaled")
+    again = ComposerPipeline.from_pretrained(folder.parent / "rescaled")
+    assert again.sampling.guidance_rescale == 0.7
+    torch.testing.assert_close(again(generator=seed(2), **kwargs).images, rescaled, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        pipe(guidance_rescale=2.0, **FAST)

@@ -35,6 +35,8 @@ def register(subparsers) -> None:
     parser.add_argument("--num", type=positive_int, default=64, help="held-out scenes to generate from (default 64)")
     parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--guidance", type=finite_float, default=None, help="guidance weight (default: the model's)")
+    parser.add_argument("--guidance-rescale", type=finite_float, default=None, metavar="PHI",
+                        help="guidance rescale, 0 to 1 (default: the model's, 0)")
     parser.add_argument("--guide-masking", action="store_true",
                         help="guide masking like any condition in the region-edit run (default: held in guidance's "
                              "c1, keeping the known pixels in both branches)")
@@ -135,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     sketch = pipe.decomposers.decomposers["sketch"] if pipe.decomposers is not None and "sketch" in pipe.decomposers.names else None
     scorer = Scorer(args.clip, sketch=sketch, depth_model=depth, instance_model=instances,
                     instance_names=instance_names, device=pipe.unet.device)
-    settings = EvalSettings(num=args.num, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+    settings = EvalSettings(num=args.num, steps=args.steps, guidance_scale=args.guidance,
+                            guidance_rescale=args.guidance_rescale, seed=args.seed,
                             batch_size=args.batch_size, precision=args.precision, pairs=pairs,
                             runs=None if args.runs is None else args.runs.split(","), sheet_columns=args.columns,
                             guide_masking=args.guide_masking)

@@ -29,6 +29,9 @@ def _add_condition_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--swap-slots", default=None, metavar="IMG2:I=J",
                         help="with --slots: slot i takes slot j of IMG2 (IMG2:i or IMG2:i=j[,k=l])")
     parser.add_argument("--guidance", type=finite_float, default=None, help="guidance weight w (default: the model's, 3)")
+    parser.add_argument("--guidance-rescale", type=finite_float, default=None, metavar="PHI",
+                        help="0 to 1: pull the guided prediction's spread back towards the conditional one's (Lin et "
+                             "al. 2024), against over-saturation at strong guidance (default: the model's, 0)")
     parser.add_argument("--away-from", default="", help="comma-separated conditions to guide away from (c1)")
     parser.add_argument("--guide-masking", action="store_true",
                         help="in a region edit, guide masking like any condition (default: masking is held in "
@@ -156,7 +159,8 @@ def _run(args, image=None, mask=None, masking_image=None, pipe=None) -> int:
         mask = None
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
     result = pipe(conditions, images=images or None, captions=captions, image=image, mask=mask,
-                  num_inference_steps=args.steps, guidance_scale=args.guidance, away_from=away,
+                  num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  guidance_rescale=args.guidance_rescale, away_from=away,
                   guide_masking=args.guide_masking, generator=generators,
                   num_images_per_prompt=args.num_images, output_type="pt", precision=args.precision,
                   sampler=args.scheduler, size=args.size, upsampler_steps=args.upsampler_steps,

@@ -11,6 +11,14 @@ pipeline anchors ``masking``, since guiding away from the known pixels pushes th
 surroundings (as in SD-inpainting and Composer, whose unconditional branch keeps the masked image).
 Both are affine combinations (their weights sum to 1), so guiding eps, v or x0 predictions gives the same
 result: guidance works on whatever the denoiser predicts.
+
+``rescale`` (phi, diffusers' ``guidance_rescale``; Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+Steps are Flawed", sec. 3.4, algorithm 2) pulls the guided prediction's per-sample standard deviation back
+towards the conditional one's: pred <- phi * pred * std(pred(c2)) / std(pred) + (1 - phi) * pred. Strong
+guidance inflates that spread, which shows as over-saturated, over-contrasted samples, most when the given
+conditions already fix the image (every condition at once). Unlike the guidance itself it is not affine, so its
+result depends on the parameterisation: like the paper's v-prediction models, it acts on what the denoiser
+predicts.
 """
 
 from __future__ import annotations
@@ -36,16 +44,27 @@ def only(conditions: Conditions, names: Iterable[str]) -> Conditions:
     return Conditions(dict(conditions.values), keep, conditions.batch_size)
 
 
+def rescaled(guided: torch.Tensor, conditional: torch.Tensor, rescale: float) -> torch.Tensor:
+    """Lin et al. 2024, algorithm 2: ``guided`` (B, ...) with its per-sample std moved a fraction ``rescale`` of the
+    way to that of ``conditional`` (0: unchanged, 1: equal)."""
+    if rescale == 0.0:
+        return guided
+    dims = tuple(range(1, guided.ndim))
+    ratio = conditional.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-12)
+    return rescale * guided * ratio + (1.0 - rescale) * guided
+
+
 def guided_prediction(model: Predictor, sample: torch.Tensor, timestep: torch.Tensor, conditions: Conditions,
-                      guidance_scale: float, away_from: Iterable[str] = ()) -> torch.Tensor:
-    """pred(c1) + w (pred(c2) - pred(c1)) with c2 = every condition in ``conditions``, c1 = ``away_from``."""
+                      guidance_scale: float, away_from: Iterable[str] = (), rescale: float = 0.0) -> torch.Tensor:
+    """pred(c1) + w (pred(c2) - pred(c1)) with c2 = every condition in ``conditions``, c1 = ``away_from``;
+    then ``rescale`` (see the module's docstring)."""
     away_from = list(away_from)
     c2 = only(conditions, conditions.values)
     c1 = only(conditions, away_from)
     timesteps = _per_sample(timestep, sample)
     both = model(torch.cat([sample, sample]), torch.cat([timesteps, timesteps]), Conditions.cat([c1, c2]))
     pred_c1, pred_c2 = both.chunk(2)
-    return pred_c1 + guidance_scale * (pred_c2 - pred_c1)
+    return rescaled(pred_c1 + guidance_scale * (pred_c2 - pred_c1), pred_c2, rescale)
 
 
 def composed_prediction(model: Predictor, sample: torch.Tensor, timestep: torch.Tensor, conditions: Conditions,
@@ -73,14 +92,22 @@ class Guidance:
     ``scale`` and ``away_from`` when given. ``always`` names conditions kept in every branch (an upsampler's
     low-resolution image, which is never dropped). ``anchor`` names conditions kept in every branch as given
     (dropped where the batch drops them), so they are not guided; a condition also named in ``weights`` is
-    guided by its weight instead.
+    guided by its weight instead. ``rescale`` (0 to 1, diffusers' ``guidance_rescale``) applies to ``scale``'s
+    guidance, not to per-condition weights.
     """
 
     def __init__(self, denoiser: Predictor, *, scale: float = 3.0, away_from: Iterable[str] = (),
                  weights: Mapping[str, float] | None = None, always: Iterable[str] = (),
-                 anchor: Iterable[str] = ()):
+                 anchor: Iterable[str] = (), rescale: float = 0.0):
+        rescale = float(rescale)
+        if not 0.0 <= rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be between 0 and 1 (0: off; Lin et al. use 0.7), got {rescale}")
+        if rescale and weights:
+            raise ValueError("guidance_rescale applies to guidance_scale's guidance; it cannot be combined with "
+                             "per-condition weights: leave one of them out")
         self.denoiser = denoiser
         self.scale = float(scale)
+        self.rescale = rescale
         self.away_from = list(away_from)
         self.weights = dict(weights or {})
         self.always = list(always)
@@ -95,7 +122,7 @@ class Guidance:
         if self.scale == 1.0 or not guided:
             return self.denoiser(sample, timestep, conditions)
         return guided_prediction(self._model(conditions), sample, timestep, conditions, self.scale,
-                                 self.away_from + held)
+                                 self.away_from + held, self.rescale)
 
     def _model(self, conditions: Conditions) -> Predictor:
         if not self.always:

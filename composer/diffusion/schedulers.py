@@ -48,11 +48,14 @@ class SampleConfig:
     steps: int = 25
     guidance_scale: float = 3.0
     precision: str = "auto"  # "auto" (bf16 where supported), "bf16" or "fp32"
+    guidance_rescale: float = 0.0  # Lin et al. 2024's phi, 0 to 1 (0: plain guidance); see diffusion/guidance.py
 
     def validated(self) -> SampleConfig:
         canonical_sampler(self.scheduler)
         if int(self.steps) < 1:
             raise ValueError(f"sample.steps must be at least 1, got {self.steps}")
+        if not 0.0 <= float(self.guidance_rescale) <= 1.0:
+            raise ValueError(f"sample.guidance_rescale must be between 0 and 1, got {self.guidance_rescale}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,7 +64,7 @@ class SampleConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> SampleConfig:
         data = dict(data or {})
-        known = {k: data[k] for k in ("scheduler", "steps", "guidance_scale", "precision") if k in data}
+        known = {k: data[k] for k in ("scheduler", "steps", "guidance_scale", "precision", "guidance_rescale") if k in data}
         return cls(**known).validated()
 
 

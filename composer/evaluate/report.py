@@ -45,13 +45,18 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f} %"
 
 
+def _rescale_note(rescale: float | None) -> str:
+    return f" rescaled by {rescale}" if rescale else ""  # reports of plain guidance read as they always did
+
+
 def markdown(result: Mapping[str, Any]) -> str:
     """The tables of an evaluation as markdown."""
     lines = [
         f"# Evaluation of {result.get('model') or 'the pipeline'}",
         "",
         f"{result['num']} held-out scenes ({', '.join(result['shards'])}), {result['steps']} steps of "
-        f"{result['sampler']}, guidance {result['guidance_scale']} "
+        f"{result['sampler']}, guidance {result['guidance_scale']}"
+        f"{_rescale_note(result.get('guidance_rescale'))} "
         f"({'masking guided in edits' if result.get('masking_guided') else 'masking held in c1 in edits'}), seeds {result['seed']}..{result['seed'] + result['num'] - 1}, "
         f"{result['resolution']} px; {result['seconds']['total']:.0f} s in all.",
         "",

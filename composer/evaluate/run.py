@@ -37,6 +37,7 @@ class EvalSettings:
     num: int = 64  # held-out scenes (the first ones of the shards, in order)
     steps: int | None = None  # sampling steps
     guidance_scale: float | None = None
+    guidance_rescale: float | None = None  # None: the pipeline's saved default
     seed: int = 0  # sample k starts from the noise seeded by seed + k
     batch_size: int = 16  # images per pipeline call
     precision: str | None = None
@@ -173,7 +174,8 @@ def generate(pipe, run: Run, conditions: Conditions, targets: Targets, settings:
         generators = [torch.Generator().manual_seed(settings.seed + int(k)) for k in index]
         edit = {"image": targets.sources[index], "mask": targets.mask[index]} if run.edit else {}
         out = pipe(run_conditions(run, conditions, index, count), num_inference_steps=settings.steps,
-                   guidance_scale=settings.guidance_scale, guide_masking=settings.guide_masking,
+                   guidance_scale=settings.guidance_scale, guidance_rescale=settings.guidance_rescale,
+                   guide_masking=settings.guide_masking,
                    generator=generators, output_type="pt",
                    precision=settings.precision, progress=False, size=pipe.sizes()[0], **edit).images
         parts.append(out.float().cpu())
@@ -356,6 +358,8 @@ def evaluate(pipe, shards: Sequence[str] | str, settings: EvalSettings, scorer: 
         "model": None, "shards": list(shards) if not isinstance(shards, str) else [shards],
         "num": count, "steps": settings.steps if settings.steps is not None else pipe.sampling.steps,
         "guidance_scale": settings.guidance_scale if settings.guidance_scale is not None else pipe.sampling.guidance_scale,
+        "guidance_rescale": (settings.guidance_rescale if settings.guidance_rescale is not None
+                             else pipe.sampling.guidance_rescale),
         "masking_guided": settings.guide_masking,
         "sampler": type(pipe.scheduler).__name__, "seed": settings.seed, "resolution": plan.size,
         "conditions": plan.names, "skipped": plan.skipped,

@@ -227,6 +227,7 @@ class ComposerPipeline(DiffusionPipeline):
         num_inference_steps: int | None = None,
         upsampler_steps: int | None = None,
         guidance_scale: float | None = None,
+        guidance_rescale: float | None = None,
         away_from: Iterable[str] = (),
         guide_masking: bool = False,
         condition_weights: Mapping[str, float] | None = None,
@@ -257,12 +258,15 @@ class ComposerPipeline(DiffusionPipeline):
         condition_weights) unless this is True or masking is named in condition_weights: guiding away from the
         known pixels makes the fill ignore its surroundings (README: hole PSNR 12.4 -> 13.1 dB). Outside an
         edit, a masking condition is guided like any other (holding it there cost `all` caption retrieval).
+        guidance_rescale: Lin et al.'s phi (0 to 1; default the saved sample.guidance_rescale, 0): the guided
+        prediction's spread pulled back towards the conditional one's, against over-saturation at strong guidance.
         generator: one, or one per output image (a batch then equals its singles). Unset sampling arguments
         take the pipeline's saved defaults. callback_on_step_end(pipe, i, t, {"latents": x}) is called at
         every step of every stage (``pipe.current_stage`` names it) and may return {"latents": replacement}.
         """
         # 1. Check inputs and fill the saved defaults
-        settings = self._settings(num_inference_steps, guidance_scale, precision, output_type, height, width)
+        settings = self._settings(num_inference_steps, guidance_scale, precision, output_type, height, width,
+                                  guidance_rescale)
         stages = self._stages_to(size)
         feather = _feather_width(edit_feather)
         # 2. Encode the conditions (decompose images, encode captions)
@@ -280,7 +284,7 @@ class ComposerPipeline(DiffusionPipeline):
         denoiser, self.current_stage = self.denoiser, "base"
         anchor = ("masking",) if edit is not None and not guide_masking else ()  # region edits: measured to help
         guided = Guidance(denoiser, scale=settings["guidance_scale"], away_from=away_from, weights=condition_weights,
-                          anchor=anchor)
+                          anchor=anchor, rescale=settings["guidance_rescale"])
         x = sample(denoiser, scheduler, noise, conditions, num_inference_steps=settings["steps"], predict=guided,
                    generator=generator, edit=hook, on_step_end=self._callback(callback_on_step_end),
                    progress=self._progress(progress), autocast=lambda: autocast(settings["precision"], self.unet.device))
@@ -354,8 +358,12 @@ class ComposerPipeline(DiffusionPipeline):
         x = self._upsample(x, stages, None, 1, generator, None, progress, precision or self.sampling.precision, steps)
         return self._postprocess(x, None, 1, output_type, True)
 
-    def _settings(self, steps, guidance_scale, precision, output_type, height, width) -> dict[str, Any]:
+    def _settings(self, steps, guidance_scale, precision, output_type, height, width,
+                  guidance_rescale=None) -> dict[str, Any]:
         defaults = self.sampling
+        rescale = float(defaults.guidance_rescale if guidance_rescale is None else guidance_rescale)
+        if not 0.0 <= rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be between 0 and 1 (0: off; Lin et al. use 0.7), got {rescale}")
         steps = defaults.steps if steps is None else int(steps)
         guidance_scale = defaults.guidance_scale if guidance_scale is None else float(guidance_scale)
         if output_type not in OUTPUT_TYPES:
@@ -372,7 +380,8 @@ class ComposerPipeline(DiffusionPipeline):
                              f"{height} x {width}")
         precision = precision or defaults.precision
         resolve_precision(precision, self.unet.device)  # an impossible precision fails before any work
-        return {"steps": steps, "guidance_scale": guidance_scale, "size": (height, width), "precision": precision}
+        return {"steps": steps, "guidance_scale": guidance_scale, "size": (height, width), "precision": precision,
+                "guidance_rescale": rescale}
 
     def _conditions(self, conditions, images, captions) -> Conditions:
         if conditions is None:
