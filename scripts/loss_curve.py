@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smooth", type=int, default=10)
     parser.add_argument("--offset", action="append", default=[], metavar="LABEL=IMAGES")
     parser.add_argument("--title", default="training loss (moving average)")
+    parser.add_argument("--x-from", type=int, default=0, metavar="IMAGES",
+                        help="start the x axis here (a long run's late pieces side by side)")
     args = parser.parse_args(argv)
     offsets = {k: int(v) for k, v in (item.split("=", 1) for item in args.offset)}
     curves = []
@@ -59,9 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = smooth(read(Path(path)), max(1, args.smooth))
         curves.append((label, [(x + offsets.get(label, 0), y) for x, y in rows]))
     width, height, left, right, top, bottom = 900, 500, 70, 20, 40, 50
+    curves = [(label, [(x, y) for x, y in rows if x >= args.x_from]) for label, rows in curves]
     xs = [x for _, rows in curves for x, _ in rows]
     ys = [y for _, rows in curves for _, y in rows]
-    x0, x1 = 0, max(xs)
+    if not xs:
+        raise SystemExit(f"error: no logged point at or after --x-from {args.x_from}")
+    x0, x1 = args.x_from, max(xs)
     y0, y1 = 0.0, sorted(ys)[int(0.98 * (len(ys) - 1))] * 1.1  # the first steps' large losses clipped
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
@@ -71,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
                 height - bottom - (min(y, y1) - y0) / (y1 - y0 or 1) * (height - top - bottom))
 
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    step = 10 ** math.floor(math.log10(max(x1, 1) / 2))
-    for tick in range(0, x1 + 1, max(1, int(step * (2 if x1 / step > 10 else 1)))):
+    step = 10 ** math.floor(math.log10(max(x1 - x0, 1) / 2))
+    spacing = max(1, int(step * (2 if (x1 - x0) / step > 10 else 1)))
+    for tick in range(-(-x0 // spacing) * spacing, x1 + 1, spacing):
         px, _ = to_px(tick, y0)
         draw.line([px, height - bottom, px, height - bottom + 5], fill="black")
         draw.text((px - 15, height - bottom + 8), f"{tick // 1000}k", fill="black")
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         value = y0 + (y1 - y0) * k / 5
         _, py = to_px(x0, value)
         draw.line([left - 5, py, left, py], fill="black")
-        draw.text((5, py - 6), f"{value:.3f}", fill="black")
+        draw.text((5, py - 6), f"{value:.3g}", fill="black")
     draw.text((left, 10), args.title + "  (x: images seen)", fill="black")
     for index, (label, rows) in enumerate(curves):
         colour = COLOURS[index % len(COLOURS)]
