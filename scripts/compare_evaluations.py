@@ -68,11 +68,13 @@ def paired_table(reports: list[tuple[str, Path]]) -> None:
     print("\n| condition | measure | run | " + " | ".join(
         f"{label} - {first_label} (se)" for label, _ in reports[1:]) + " |")
     print("|" + "---|" * (3 + len(reports) - 1))
-    for condition, measures in scores[0].get("all", {}).items():  # the all run scores every condition
+    first = scores[0]
+    conditions = [n for n in first if n not in ("source", "none", "all") and " + " not in n]
+    conditions += [n for n in first.get("all", {}) if n not in conditions]
+    for condition in conditions:
         for run in (condition, "all"):
-            for measure in measures:
-                base = scores[0].get(run, {}).get(condition, {}).get(measure)
-                if base is None or not isinstance(base, list):
+            for measure, base in first.get(run, {}).get(condition, {}).items():
+                if not isinstance(base, list):
                     continue
                 cells = []
                 for other in scores[1:]:

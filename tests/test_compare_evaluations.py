@@ -52,3 +52,16 @@ def test_paired_needs_results_json(tmp_path):
     (tmp_path / "new" / "results.json").unlink()
     with pytest.raises(SystemExit, match="results.json"):
         compare_evaluations.main(["--paired", f"old={old}", f"new={new}"])
+
+
+def test_paired_table_without_an_all_run(tmp_path, capsys):
+    reports = []
+    for name, scores in (("old", [0.5, 0.5, 0.5, 0.5]), ("new", [0.7, 0.5, 0.7, 0.5])):
+        path = write_report(tmp_path / name, scores, scores)
+        data = json.loads(path.with_name("results.json").read_text())
+        del data["per_image"]["all"]  # evaluate --runs sketch: no all run
+        path.with_name("results.json").write_text(json.dumps(data))
+        reports.append(f"{name}={path}")
+    assert compare_evaluations.main(["--paired", *reports]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| sketch | edge_f1 |")]
+    assert rows[-1] == "| sketch | edge_f1 | single | +0.100 (0.058) |"  # differences 0.2, 0, 0.2, 0
