@@ -44,6 +44,14 @@ def only(conditions: Conditions, names: Iterable[str]) -> Conditions:
     return Conditions(dict(conditions.values), keep, conditions.batch_size)
 
 
+def check_rescale(value: float, name: str = "guidance_rescale") -> float:
+    """``value`` as a float if it is a valid rescale phi (0 to 1), else one clear ValueError naming ``name``."""
+    value = float(value)
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise ValueError(f"{name} must be between 0 and 1 (0: off; Lin et al. use 0.7), got {value}")
+    return value
+
+
 def rescaled(guided: torch.Tensor, conditional: torch.Tensor, rescale: float) -> torch.Tensor:
     """Lin et al. 2024, algorithm 2: ``guided`` (B, ...) with its per-sample std moved a fraction ``rescale`` of the
     way to that of ``conditional`` (0: unchanged, 1: equal)."""
@@ -99,9 +107,7 @@ class Guidance:
     def __init__(self, denoiser: Predictor, *, scale: float = 3.0, away_from: Iterable[str] = (),
                  weights: Mapping[str, float] | None = None, always: Iterable[str] = (),
                  anchor: Iterable[str] = (), rescale: float = 0.0):
-        rescale = float(rescale)
-        if not 0.0 <= rescale <= 1.0:
-            raise ValueError(f"guidance_rescale must be between 0 and 1 (0: off; Lin et al. use 0.7), got {rescale}")
+        rescale = check_rescale(rescale)
         if rescale and weights:
             raise ValueError("guidance_rescale applies to guidance_scale's guidance; it cannot be combined with "
                              "per-condition weights: leave one of them out")

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from composer.diffusion.guidance import check_rescale
+
 # name -> (class, settings). All start at the last training step ("trailing") except DPM-Solver++ and UniPC:
 # at t = 999 of the cosine schedule a_t is ~0, their unclipped x0 estimate explodes and the image stays
 # noisy (measured on the wave-1 demo model: mean error 0.52 vs 0.30 from an intensity map), so they start
@@ -54,8 +56,7 @@ class SampleConfig:
         canonical_sampler(self.scheduler)
         if int(self.steps) < 1:
             raise ValueError(f"sample.steps must be at least 1, got {self.steps}")
-        if not 0.0 <= float(self.guidance_rescale) <= 1.0:
-            raise ValueError(f"sample.guidance_rescale must be between 0 and 1, got {self.guidance_rescale}")
+        check_rescale(self.guidance_rescale, "sample.guidance_rescale")
         return self
 
     def to_dict(self) -> dict[str, Any]:

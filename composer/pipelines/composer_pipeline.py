@@ -31,7 +31,7 @@ from diffusers.utils import BaseOutput
 
 from composer.conditions import Conditions
 from composer.diffusion.denoiser import Denoiser, NoiseSchedule
-from composer.diffusion.guidance import Guidance
+from composer.diffusion.guidance import Guidance, check_rescale
 from composer.diffusion.sampling import RegionEdit, initial_noise, sample
 from composer.diffusion.schedulers import SampleConfig, make_scheduler
 from composer.models.adapters import resize_map
@@ -361,9 +361,7 @@ class ComposerPipeline(DiffusionPipeline):
     def _settings(self, steps, guidance_scale, precision, output_type, height, width,
                   guidance_rescale=None) -> dict[str, Any]:
         defaults = self.sampling
-        rescale = float(defaults.guidance_rescale if guidance_rescale is None else guidance_rescale)
-        if not 0.0 <= rescale <= 1.0:
-            raise ValueError(f"guidance_rescale must be between 0 and 1 (0: off; Lin et al. use 0.7), got {rescale}")
+        rescale = check_rescale(defaults.guidance_rescale if guidance_rescale is None else guidance_rescale)
         steps = defaults.steps if steps is None else int(steps)
         guidance_scale = defaults.guidance_scale if guidance_scale is None else float(guidance_scale)
         if output_type not in OUTPUT_TYPES:
